@@ -1,0 +1,15 @@
+using System.CommandLine;
+
+namespace LoraSharp.Cli;
+
+/// <summary>The `lorasharp` root command: each verb lives in its own file and registers here.</summary>
+public static class CommandLine
+{
+    public static RootCommand Build()
+    {
+        var root = new RootCommand("LoraSharp: train, load, combine, convert and generate with LoRA adapters.");
+        return root;
+    }
+
+    public static int Run(string[] args) => Build().Parse(args).Invoke();
+}

@@ -1,0 +1,1 @@
+return LoraSharp.Cli.CommandLine.Run(args);

@@ -1,0 +1,38 @@
+namespace LoraSharp.Tests.Infrastructure;
+
+/// <summary>
+/// Locates the reference vectors made by the Python tools. The folder comes from LORASHARP_REFERENCE_DIR,
+/// else ../shared/reference relative to the repository root. Tests that use it are data-driven over the
+/// manifests found there.
+/// </summary>
+public static class ReferenceData
+{
+    public static string Root { get; } = FindRoot();
+
+    public static string RepoRoot { get; } = FindRepoRoot();
+
+    static string FindRoot()
+    {
+        var fromEnv = Environment.GetEnvironmentVariable("LORASHARP_REFERENCE_DIR");
+        if (!string.IsNullOrWhiteSpace(fromEnv))
+            return Path.GetFullPath(fromEnv);
+        return Path.GetFullPath(Path.Combine(FindRepoRoot(), "..", "shared", "reference"));
+    }
+
+    static string FindRepoRoot()
+    {
+        var dir = new DirectoryInfo(AppContext.BaseDirectory);
+        while (dir is not null && !File.Exists(Path.Combine(dir.FullName, "LoraSharp.sln")))
+            dir = dir.Parent;
+        return dir?.FullName ?? throw new InvalidOperationException("Cannot find LoraSharp.sln above " + AppContext.BaseDirectory);
+    }
+
+    /// <summary>A path inside the reference folder; fails the test clearly when it is missing.</summary>
+    public static string PathOf(params string[] parts)
+    {
+        var path = Path.Combine([Root, .. parts]);
+        if (!File.Exists(path) && !Directory.Exists(path))
+            throw new FileNotFoundException($"Reference data missing: {path} (set LORASHARP_REFERENCE_DIR)");
+        return path;
+    }
+}
