@@ -24,9 +24,9 @@ public static class AdapterFactory
         var allowed = Known[w.Algorithm].Concat(["dora_scale", "magnitude"]).ToHashSet();
         var unknown = w.Tensors.Keys.Where(k => !allowed.Contains(k)).ToList();
         if (unknown.Count > 0)
-            throw new ArgumentException($"{at}: unknown adapter tensor(s) {string.Join(", ", unknown)}; expected some of {string.Join(", ", allowed)}.");
+            throw new LoraSharpException($"{at}: unknown adapter tensor(s) {string.Join(", ", unknown)}; expected some of {string.Join(", ", allowed)}.", key: w.ModulePath);
         Tensor? T(string name) => w.Has(name) ? w[name].detach().to(dtype, device).clone() : null;
-        Tensor Req(string name) => T(name) ?? throw new ArgumentException($"{at}: missing tensor '{name}'.");
+        Tensor Req(string name) => T(name) ?? throw new LoraSharpException($"{at}: missing tensor '{name}'.", key: w.ModulePath);
         Adapter a;
         try
         {
@@ -43,9 +43,9 @@ public static class AdapterFactory
             if (w.Has("magnitude")) a.SetDora(DoraKind.Peft, Req("magnitude"), trainable);
             else if (w.Has("dora_scale")) a.SetDora(DoraKind.DoraScale, Req("dora_scale"), trainable);
         }
-        catch (ArgumentException e) when (!e.Message.StartsWith("Module '"))
+        catch (ArgumentException e)
         {
-            throw new ArgumentException($"{at}: {e.Message}", e);
+            throw new LoraSharpException(e.Message.StartsWith("Module '") ? e.Message : $"{at}: {e.Message}", key: w.ModulePath, inner: e);
         }
         return a;
     }

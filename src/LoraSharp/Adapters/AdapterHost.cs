@@ -206,12 +206,12 @@ public sealed class AdapterHost : IDisposable
             foreach (var mw in weights.Modules)
             {
                 var path = options.PathPrefix + mw.ModulePath;
-                if (!seen.Add(path)) throw new ArgumentException($"Adapter '{name}': module '{path}' appears twice.");
+                if (!seen.Add(path)) throw new LoraSharpException($"Adapter '{name}': module '{path}' appears twice.");
                 if (!_allModules.TryGetValue(path, out var module))
                 {
                     var u = new UnmatchedModule(path, ClosestPaths(path));
                     if (!options.Lenient)
-                        throw new ArgumentException($"Adapter '{name}': module '{path}' is not in the model. Closest: {string.Join(", ", u.ClosestMatches)}.");
+                        throw new LoraSharpException($"Adapter '{name}': module '{path}' is not in the model. Closest: {string.Join(", ", u.ClosestMatches)}.", key: path);
                     unmatched.Add(u);
                     continue;
                 }
@@ -219,7 +219,7 @@ public sealed class AdapterHost : IDisposable
                 var a = AdapterFactory.FromWeights(Rebased(mw, path), slot.Geometry, options.DType, slot.Weight.device, options.Trainable);
                 a.ComputeDType = options.ComputeDType;
                 if (a.DeltaBias() is not null && slot.Bias is null)
-                    throw new ArgumentException($"Adapter '{name}': module '{path}' has no bias but the adapter has diff_b.");
+                    throw new LoraSharpException($"Adapter '{name}': module '{path}' has no bias but the adapter has diff_b.", key: path);
                 built.Add((slot, a));
             }
         }
@@ -255,7 +255,7 @@ public sealed class AdapterHost : IDisposable
         foreach (var a in adapters)
         {
             if (!_allModules.TryGetValue(a.ModulePath, out var module))
-                throw new ArgumentException($"Adapter '{name}': module '{a.ModulePath}' is not in the model. Closest: {string.Join(", ", ClosestPaths(a.ModulePath))}.");
+                throw new LoraSharpException($"Adapter '{name}': module '{a.ModulePath}' is not in the model. Closest: {string.Join(", ", ClosestPaths(a.ModulePath))}.");
             built.Add((SlotFor(a.ModulePath, module), a));
         }
         return Register(name, built, multiplier, trainable, [], new Dictionary<string, string>());
