@@ -61,6 +61,7 @@ public abstract class Adapter : nn.Module
     protected Parameter AddParameter(string name, Tensor value, bool trainable)
     {
         var p = new Parameter(value, trainable);
+        p.DetachFromDisposeScope(); // parameters live as long as the adapter, not the caller's dispose scope
         register_parameter(name, p);
         _names.Add(name);
         return p;
@@ -230,10 +231,11 @@ public sealed class LoraAdapter : Adapter
         : base(modulePath, geometry, alpha, rsLora, convention)
     {
         LoraMath.CheckShapes(down, up, mid, geometry, $"Module '{modulePath}'");
+        long rank = down.shape[0]; // a Parameter takes over the tensor's handle: read shapes first
         Down = AddParameter("lora_down", down, trainable);
         Up = AddParameter("lora_up", up, trainable);
         if (mid is not null) Mid = AddParameter("lora_mid", mid, trainable);
-        Scale = LoraMath.Scale(alpha, down.shape[0], rsLora);
+        Scale = LoraMath.Scale(alpha, rank, rsLora);
     }
 
     public Parameter Down { get; }
@@ -282,14 +284,14 @@ public sealed class LohaAdapter : Adapter
         double? alpha, bool rsLora, ScaleConvention convention = ScaleConvention.LyCORIS, bool trainable = false)
         : base(modulePath, geometry, alpha, rsLora, convention)
     {
+        using (NewDisposeScope()) LohaMath.DeltaWeight(w1a.detach(), w1b.detach(), w2a.detach(), w2b.detach(), t1?.detach(), t2?.detach(), 1, geometry);
+        Scale = LoraMath.Scale(alpha, LohaMath.Rank(w1b), rsLora);
         W1a = AddParameter("hada_w1_a", w1a, trainable);
         W1b = AddParameter("hada_w1_b", w1b, trainable);
         W2a = AddParameter("hada_w2_a", w2a, trainable);
         W2b = AddParameter("hada_w2_b", w2b, trainable);
         if (t1 is not null) T1 = AddParameter("hada_t1", t1, trainable);
         if (t2 is not null) T2 = AddParameter("hada_t2", t2, trainable);
-        Scale = LoraMath.Scale(alpha, LohaMath.Rank(w1b), rsLora);
-        using var check = LohaMath.DeltaWeight(w1a.detach(), w1b.detach(), w2a.detach(), w2b.detach(), t1?.detach(), t2?.detach(), 1, geometry);
     }
 
     public Parameter W1a { get; }
@@ -322,15 +324,15 @@ public sealed class LokrAdapter : Adapter
             throw new ArgumentException($"Module '{modulePath}': LoKr needs exactly one of lokr_w1 or lokr_w1_a + lokr_w1_b.");
         if ((w2 is null) == (w2a is null || w2b is null))
             throw new ArgumentException($"Module '{modulePath}': LoKr needs exactly one of lokr_w2 or lokr_w2_a + lokr_w2_b.");
+        using (NewDisposeScope()) LokrMath.DeltaWeight(w1?.detach(), w1a?.detach(), w1b?.detach(), w2?.detach(), w2a?.detach(), w2b?.detach(), t2?.detach(), 1, geometry);
+        long? decomposed = w1b is not null ? w1b.shape[0] : w2b?.shape[0];
+        _rank = decomposed ?? configuredRank ?? 0;
+        Scale = LokrMath.Scale(alpha, decomposed, configuredRank, rsLora, convention);
         if (w1 is not null) W1 = AddParameter("lokr_w1", w1, trainable);
         else { W1a = AddParameter("lokr_w1_a", w1a!, trainable); W1b = AddParameter("lokr_w1_b", w1b!, trainable); }
         if (w2 is not null) W2 = AddParameter("lokr_w2", w2, trainable);
         else { W2a = AddParameter("lokr_w2_a", w2a!, trainable); W2b = AddParameter("lokr_w2_b", w2b!, trainable); }
         if (t2 is not null) T2 = AddParameter("lokr_t2", t2, trainable);
-        long? decomposed = w1b is not null ? w1b.shape[0] : w2b?.shape[0];
-        _rank = decomposed ?? configuredRank ?? 0;
-        Scale = LokrMath.Scale(alpha, decomposed, configuredRank, rsLora, convention);
-        using var check = LokrMath.DeltaWeight(w1?.detach(), w1a?.detach(), w1b?.detach(), w2?.detach(), w2a?.detach(), w2b?.detach(), t2?.detach(), 1, geometry);
     }
 
     readonly long _rank;
@@ -360,7 +362,7 @@ public sealed class FullAdapter : Adapter
     public FullAdapter(string modulePath, LayerGeometry geometry, Tensor diff, Tensor? diffBias, bool trainable = false)
         : base(modulePath, geometry, null, false, ScaleConvention.LyCORIS)
     {
-        using (FullMath.DeltaWeight(diff.detach(), geometry)) { }
+        using (NewDisposeScope()) FullMath.DeltaWeight(diff.detach(), geometry);
         if (diffBias is not null && diffBias.numel() != geometry.OutFeatures)
             throw new ArgumentException($"Module '{modulePath}': diff_b has {diffBias.numel()} values, expected {geometry.OutFeatures}.");
         Diff = AddParameter("diff", diff, trainable);

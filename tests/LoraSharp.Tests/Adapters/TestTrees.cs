@@ -43,6 +43,13 @@ static class TestTrees
     public static nn.Module<Tensor, Tensor> Leaf(nn.Module root, string path) =>
         (nn.Module<Tensor, Tensor>)root.named_modules().First(m => m.name == path).module;
 
+    /// <summary>Bit-identical values (same shape and dtype, every element equal).</summary>
+    public static bool Same(Tensor a, Tensor b)
+    {
+        using var scope = NewDisposeScope();
+        return a.dtype == b.dtype && a.shape.SequenceEqual(b.shape) && a.eq(b).all().item<bool>();
+    }
+
     public static double MaxAbs(Tensor a, Tensor b)
     {
         using var scope = NewDisposeScope();
