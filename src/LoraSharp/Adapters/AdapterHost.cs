@@ -419,7 +419,9 @@ public sealed class AdapterHost : IDisposable
         using var scope = NewDisposeScope();
         s.BackupWeight ??= s.Weight.detach().clone().DetachFromDisposeScope();
         if (s.Bias is not null) s.BackupBias ??= s.Bias.detach().clone().DetachFromDisposeScope();
-        var w0 = s.BackupWeight.to(ScalarType.Float32);
+        // fp32 merge arithmetic (fp64 for fp64 weights), one rounding to the weight's dtype at the end
+        var mergeType = s.Weight.dtype == ScalarType.Float64 ? ScalarType.Float64 : ScalarType.Float32;
+        var w0 = s.BackupWeight.to(mergeType);
         Tensor? sumW = null, sumB = null;
         foreach (var (owner, a) in s.Entries)
         {
@@ -428,7 +430,7 @@ public sealed class AdapterHost : IDisposable
             if (!s.DeltaCache.TryGetValue(a, out var delta))
             {
                 var saved = a.ComputeDType;
-                a.ComputeDType = ScalarType.Float32;
+                a.ComputeDType = mergeType;
                 try { delta = a.DeltaWeight().detach().DetachFromDisposeScope(); } // the cache outlives this scope
                 finally { a.ComputeDType = saved; }
                 s.DeltaCache[a] = delta;
@@ -438,12 +440,12 @@ public sealed class AdapterHost : IDisposable
             var db = a.DeltaBias();
             if (db is not null)
             {
-                var e = db.to(ScalarType.Float32).mul(m);
+                var e = db.to(mergeType).mul(m);
                 sumB = sumB is null ? e : sumB.add_(e);
             }
         }
         s.Weight.copy_(sumW is null ? s.BackupWeight : w0.add(sumW));
-        if (s.Bias is not null) s.Bias.copy_(sumB is null ? s.BackupBias! : s.BackupBias!.to(ScalarType.Float32).add(sumB));
+        if (s.Bias is not null) s.Bias.copy_(sumB is null ? s.BackupBias! : s.BackupBias!.to(mergeType).add(sumB));
         s.Dirty = false;
     }
 
