@@ -443,8 +443,13 @@ public sealed class AdapterHost : IDisposable
                 finally { a.ComputeDType = saved; }
                 s.DeltaCache[a] = delta;
             }
-            var eff = a.EffectiveDelta(w0, delta, m);
-            sumW = sumW is null ? eff : sumW.add_(eff);
+            if (a.Dora == DoraKind.None)
+                sumW = sumW is null ? w0.add(delta, m) : sumW.add_(delta, m); // W₀ + Σ m·ΔW, one pass per adapter
+            else
+            {
+                var eff = a.EffectiveDelta(w0, delta, m);
+                sumW = sumW is null ? w0.add(eff) : sumW.add_(eff);
+            }
             var db = a.DeltaBias();
             if (db is not null)
             {
@@ -452,7 +457,7 @@ public sealed class AdapterHost : IDisposable
                 sumB = sumB is null ? e : sumB.add_(e);
             }
         }
-        s.Weight.copy_(sumW is null ? s.BackupWeight : w0.add(sumW));
+        s.Weight.copy_(sumW ?? s.BackupWeight);
         if (s.Bias is not null) s.Bias.copy_(sumB is null ? s.BackupBias! : s.BackupBias!.to(mergeType).add(sumB));
         s.Dirty = false;
     }
