@@ -168,8 +168,6 @@ public abstract class Adapter : nn.Module
             case DoraKind.None:
             {
                 y = Bypass(xd, training).mul(multiplier);
-                var db = DeltaBias();
-                if (db is not null) y = y.add(P(db).mul(multiplier).reshape(Geometry.OutputBroadcastShape(y.dim())));
                 break;
             }
             case DoraKind.Peft:
@@ -198,6 +196,8 @@ public abstract class Adapter : nn.Module
                 break;
             }
         }
+        var db = DeltaBias();
+        if (db is not null) y = y.add(P(db).mul(multiplier).reshape(Geometry.OutputBroadcastShape(y.dim())));
         if (y.dtype != baseOutput.dtype) y = y.to(baseOutput.dtype);
         return y.MoveToOuterDisposeScope();
     }

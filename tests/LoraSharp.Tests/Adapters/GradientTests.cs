@@ -13,7 +13,7 @@ public class GradientTests
     {
         var d = new TheoryData<string, string>();
         foreach (var layer in new[] { "linear", "conv" })
-            foreach (var algo in new[] { "lora", "lora_rs", "loha", "lokr", "lokr_both", "full", "dora_peft", "dora_scale", "dylora" })
+            foreach (var algo in new[] { "lora", "lora_rs", "loha", "lokr", "lokr_both", "full", "full_dora", "dora_peft", "dora_scale", "dylora" })
                 d.Add(layer, algo);
         foreach (var algo in new[] { "locon_tucker", "loha_tucker", "lokr_tucker", "dora_peft_conv_tucker" })
             d.Add("conv", algo);
@@ -31,6 +31,7 @@ public class GradientTests
         "lokr_both" => new() { Algorithm = AdapterAlgorithm.LoKr, Rank = 1, Alpha = 3, DecomposeBoth = true },
         "lokr_tucker" => new() { Algorithm = AdapterAlgorithm.LoKr, Rank = 1, Alpha = 1, UseTucker = true },
         "full" => new() { Algorithm = AdapterAlgorithm.Full },
+        "full_dora" => new() { Algorithm = AdapterAlgorithm.Full, Dora = DoraKind.DoraScale },
         "dora_peft" => new() { Rank = 2, Alpha = 4, Dora = DoraKind.Peft },
         "dora_peft_conv_tucker" => new() { Rank = 2, Alpha = 4, Dora = DoraKind.Peft, UseTucker = true },
         "dora_scale" => new() { Algorithm = AdapterAlgorithm.LoHa, Rank = 2, Alpha = 2, Dora = DoraKind.DoraScale },
