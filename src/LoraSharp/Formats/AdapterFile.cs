@@ -52,10 +52,10 @@ public static class AdapterFile
             var config = Path.Combine(path, PeftConfigName);
             var weights = PeftWeightNames.Select(n => Path.Combine(path, n)).FirstOrDefault(File.Exists);
             if (weights is null)
-                throw new LoraSharpException($"{path}: a PEFT adapter folder needs {string.Join(" or ", PeftWeightNames)}", path);
+                throw new LoraSharpException($"a PEFT adapter folder needs {string.Join(" or ", PeftWeightNames)}", path);
             return (weights, File.Exists(config) ? config : null);
         }
-        if (!File.Exists(path)) throw new LoraSharpException($"{path}: no such file or folder", path);
+        if (!File.Exists(path)) throw new LoraSharpException($"no such file or folder", path);
         var sibling = Path.Combine(Path.GetDirectoryName(Path.GetFullPath(path))!, PeftConfigName);
         bool isPeftWeights = PeftWeightNames.Contains(Path.GetFileName(path));
         return (path, isPeftWeights && File.Exists(sibling) ? sibling : null);
@@ -71,7 +71,7 @@ public static class AdapterFile
         options ??= new AdapterReadOptions();
         var (tensorFile, configFile) = Locate(path);
         var config = configFile is null ? null : PeftAdapterConfig.Read(configFile);
-        using var source = TensorFiles.Open(tensorFile);
+        using var source = SafetensorsFile.Open(tensorFile); // TODO(io): TensorFiles.Open for adapter_model.bin
         var name = options.Name ?? (Directory.Exists(path) ? new DirectoryInfo(path).Name : Path.GetFileNameWithoutExtension(path));
         return Read(source, name, config, target, options);
     }
@@ -109,7 +109,7 @@ public static class AdapterFile
         {
             var hint = target is null ? "" : WrongBaseHint(guess, target);
             throw new LoraSharpException(
-                $"{file}: {unmatched.Count} of {source.Keys.Count} keys match no module{hint}\n{coverage.ToText()}" +
+                $"{unmatched.Count} of {source.Keys.Count} keys match no module{hint}\n{coverage.ToText()}" +
                 "Use --lenient to load the rest and report these keys.", file, unmatched[0]);
         }
 
@@ -159,12 +159,12 @@ public static class AdapterFile
             foreach (var key in keys)
             {
                 if (tensors.ContainsKey(key.Role) || (key.Role == "alpha" && alpha is not null))
-                    throw new LoraSharpException($"{file}: key '{key.FileKey}': module '{modulePath}' has two '{key.Role}' tensors (the file mixes two layouts for one module)", file, key.FileKey);
+                    throw new LoraSharpException($"module '{modulePath}' has two '{key.Role}' tensors (the file mixes two layouts for one module)", file, key.FileKey);
                 if (key.Role == "alpha")
                 {
                     var info = source.Info(key.FileKey);
                     if (info.Shape.Aggregate(1L, (a, b) => a * b) != 1)
-                        throw new LoraSharpException($"{file}: key '{key.FileKey}': alpha must be a scalar, got shape [{string.Join(", ", info.Shape)}]", file, key.FileKey);
+                        throw new LoraSharpException($"alpha must be a scalar, got shape [{string.Join(", ", info.Shape)}]", file, key.FileKey);
                     using var a = source.Load(key.FileKey, ScalarType.Float64);
                     alpha = a.item<double>();
                     continue;
@@ -187,9 +187,9 @@ public static class AdapterFile
                 int configured = config.RankFor(modulePath);
                 configRank = configured;
                 if (rank != configured && algorithm == AdapterAlgorithm.LoRA)
-                    throw new LoraSharpException($"{file}: module '{modulePath}' has rank {rank} but adapter_config.json says r={configured}", file, keys[0].FileKey);
+                    throw new LoraSharpException($"module '{modulePath}' has rank {rank} but adapter_config.json says r={configured}", file, keys[0].FileKey);
                 if (config.UseDora && algorithm == AdapterAlgorithm.LoRA && !tensors.ContainsKey("magnitude"))
-                    throw new LoraSharpException($"{file}: use_dora is set but module '{modulePath}' has no lora_magnitude_vector", file, keys[0].FileKey);
+                    throw new LoraSharpException($"use_dora is set but module '{modulePath}' has no lora_magnitude_vector", file, keys[0].FileKey);
             }
             else if (format is KeyFormat.DiffusersPeft or KeyFormat.DiffusersLegacy)
             {
@@ -229,14 +229,14 @@ public static class AdapterFile
         bool full = t.ContainsKey("diff") || t.ContainsKey("diff_b");
         int kinds = (lora ? 1 : 0) + (loha ? 1 : 0) + (lokr ? 1 : 0) + (full ? 1 : 0);
         if (kinds == 0)
-            throw new LoraSharpException($"{file}: module '{modulePath}' has only {string.Join(", ", keys.Select(k => k.Role))} and no weights", file, FirstKey());
+            throw new LoraSharpException($"module '{modulePath}' has only {string.Join(", ", keys.Select(k => k.Role))} and no weights", file, FirstKey());
         if (kinds > 1)
-            throw new LoraSharpException($"{file}: module '{modulePath}' mixes algorithms ({string.Join(", ", t.Keys)})", file, FirstKey());
+            throw new LoraSharpException($"module '{modulePath}' mixes algorithms ({string.Join(", ", t.Keys)})", file, FirstKey());
 
         void Need(string role, string why)
         {
             if (!t.ContainsKey(role))
-                throw new LoraSharpException($"{file}: module '{modulePath}' ({why}) lacks '{role}' (keys: {string.Join(", ", keys.Select(k => k.FileKey))})", file, FirstKey());
+                throw new LoraSharpException($"module '{modulePath}' ({why}) lacks '{role}' (keys: {string.Join(", ", keys.Select(k => k.FileKey))})", file, FirstKey());
         }
 
         if (lora)
@@ -246,16 +246,16 @@ public static class AdapterFile
             long midIn = t.TryGetValue("lora_mid", out var mid) ? mid.shape[1] : downRank;
             long midOut = mid is null ? downRank : mid.shape[0];
             if (midIn != downRank || upRank != midOut)
-                throw new LoraSharpException($"{file}: module '{modulePath}': rank mismatch — lora_down has {downRank} rows, lora_up has {upRank} columns{(mid is null ? "" : $", lora_mid is [{string.Join(",", mid.shape)}]")}", file, FirstKey());
+                throw new LoraSharpException($"module '{modulePath}': rank mismatch — lora_down has {downRank} rows, lora_up has {upRank} columns{(mid is null ? "" : $", lora_mid is [{string.Join(",", mid.shape)}]")}", file, FirstKey());
             if (t.ContainsKey("magnitude") && t["magnitude"].dim() != 1)
-                throw new LoraSharpException($"{file}: module '{modulePath}': lora_magnitude_vector must be 1-D, got [{string.Join(",", t["magnitude"].shape)}]", file, FirstKey());
+                throw new LoraSharpException($"module '{modulePath}': lora_magnitude_vector must be 1-D, got [{string.Join(",", t["magnitude"].shape)}]", file, FirstKey());
             return AdapterAlgorithm.LoRA;
         }
         if (loha)
         {
             foreach (var r in new[] { "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b" }) Need(r, "LoHa");
             if (t.ContainsKey("hada_t1") != t.ContainsKey("hada_t2"))
-                throw new LoraSharpException($"{file}: module '{modulePath}': LoHa Tucker form needs both hada_t1 and hada_t2", file, FirstKey());
+                throw new LoraSharpException($"module '{modulePath}': LoHa Tucker form needs both hada_t1 and hada_t2", file, FirstKey());
             return AdapterAlgorithm.LoHa;
         }
         if (lokr)
@@ -322,7 +322,7 @@ public static class AdapterFile
         if (outDim != wOut || inK != wInK)
         {
             throw new LoraSharpException(
-                $"{file}: key '{keys[0].FileKey}': the adapter's update for '{m.ModulePath}' is {outDim}×{inK} but the module's weight is " +
+                $"the adapter's update for '{m.ModulePath}' is {outDim}×{inK} but the module's weight is " +
                 $"[{string.Join(", ", weightShape)}]{WrongBaseHint(guess, target)}", file, keys[0].FileKey);
         }
     }
@@ -342,7 +342,7 @@ public static class AdapterFile
         if (!metadata.TryGetValue("lora_adapter_metadata", out var text)) return null;
         JsonObject? json;
         try { json = JsonNode.Parse(text) as JsonObject; }
-        catch (JsonException e) { throw new LoraSharpException($"{file}: metadata 'lora_adapter_metadata' is not valid JSON: {e.Message}", file, "lora_adapter_metadata"); }
+        catch (JsonException e) { throw new LoraSharpException($"metadata 'lora_adapter_metadata' is not valid JSON: {e.Message}", file, "lora_adapter_metadata"); }
         if (json is null) return null;
         var byComponent = new Dictionary<string, PeftAdapterConfig>(StringComparer.Ordinal);
         foreach (var component in AdapterKeyParser.DiffusersComponents)

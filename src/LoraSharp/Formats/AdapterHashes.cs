@@ -70,7 +70,7 @@ public static class AdapterHashes
         long virtualLength = dataStartInKohya + dataLength;
         if (virtualLength <= windowStart) return Convert.ToHexStringLower(SHA256.HashData(ReadOnlySpan<byte>.Empty))[..8];
         if (windowStart < dataStartInKohya)
-            throw new NotSupportedException($"{path}: header larger than 1 MiB; the kohya legacy hash would cover header bytes");
+            throw new NotSupportedException($"header larger than 1 MiB; the kohya legacy hash would cover header bytes");
         long from = windowStart - dataStartInKohya, to = Math.Min(windowEnd, virtualLength) - dataStartInKohya;
         var buffer = new byte[to - from];
         stream.Seek(8 + headerLength + from, SeekOrigin.Begin);

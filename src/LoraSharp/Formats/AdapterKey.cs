@@ -46,6 +46,7 @@ public static class AdapterKeyParser
         (".lora_linear_layer.down.weight", "lora_down", true), (".lora_linear_layer.up.weight", "lora_up", true),
         (".lora_magnitude_vector.weight", "magnitude", false), (".lora_magnitude_vector", "magnitude", false),
         (".lora.down.weight", "lora_down", true), (".lora.up.weight", "lora_up", true),
+        ("_lora.down.weight", "lora_down", true), ("_lora.up.weight", "lora_up", true),
         (".lora_A.weight", "lora_down", false), (".lora_B.weight", "lora_up", false),
         (".hada_w1_a", "hada_w1_a", false), (".hada_w1_b", "hada_w1_b", false),
         (".hada_w2_a", "hada_w2_a", false), (".hada_w2_b", "hada_w2_b", false),
@@ -93,8 +94,8 @@ public static class AdapterKeyParser
     }
 
     /// <summary>
-    /// Older diffusers attention processors store <c>attn1.processor.to_q_lora</c> for the module
-    /// <c>attn1.to_q</c> (and <c>to_out_lora</c> for <c>to_out.0</c>).
+    /// Older diffusers attention processors store <c>attn1.processor.to_q_lora.down.weight</c> for the module
+    /// <c>attn1.to_q</c> (and <c>to_out_lora</c> for <c>to_out.0</c>); the suffix "_lora.down.weight" is already cut.
     /// </summary>
     static string RepairLegacyProcessorPath(string path)
     {
@@ -103,14 +104,7 @@ public static class AdapterKeyParser
         if (at < 0) return path;
         var head = path[..at];
         var proc = path[(at + marker.Length)..];
-        proc = proc switch
-        {
-            "to_q_lora" => "to_q",
-            "to_k_lora" => "to_k",
-            "to_v_lora" => "to_v",
-            "to_out_lora" => "to_out.0",
-            _ => proc.EndsWith("_lora", StringComparison.Ordinal) ? proc[..^5] : proc,
-        };
+        if (proc == "to_out") proc = "to_out.0";
         return head + "." + proc;
     }
 

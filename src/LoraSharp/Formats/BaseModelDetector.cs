@@ -129,6 +129,6 @@ public static partial class BaseModelDetector
         _ => "an unknown base",
     };
 
-    static bool IsDown(string key) => key.EndsWith("lora_down.weight", StringComparison.Ordinal) || key.EndsWith("lora_A.weight", StringComparison.Ordinal)
+    static bool IsDown(string key) => key.EndsWith("lora_down.weight", StringComparison.Ordinal) || key.EndsWith("hada_w1_b", StringComparison.Ordinal) || key.EndsWith("lora_A.weight", StringComparison.Ordinal)
                                    || key.EndsWith("lora.down.weight", StringComparison.Ordinal) || key.EndsWith(".down.weight", StringComparison.Ordinal);
 }

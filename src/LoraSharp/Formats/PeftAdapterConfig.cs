@@ -37,11 +37,11 @@ public sealed class PeftAdapterConfig
         try
         {
             json = JsonNode.Parse(File.ReadAllText(path)) as JsonObject
-                ?? throw new LoraSharpException($"{path}: expected a JSON object", path);
+                ?? throw new LoraSharpException($"expected a JSON object", path);
         }
         catch (JsonException e)
         {
-            throw new LoraSharpException($"{path}: invalid JSON: {e.Message}", path);
+            throw new LoraSharpException($"invalid JSON: {e.Message}", path);
         }
         return FromJson(json, path);
     }
@@ -51,7 +51,7 @@ public sealed class PeftAdapterConfig
     {
         string type = Str(json, "peft_type") ?? "LORA";
         if (type is not ("LORA" or "LOHA" or "LOKR"))
-            throw new LoraSharpException($"{source}: peft_type '{type}' is not supported (expected LORA, LOHA or LOKR)", source, "peft_type");
+            throw new LoraSharpException($"peft_type '{type}' is not supported (expected LORA, LOHA or LOKR)", source, "peft_type");
         var target = json["target_modules"];
         return new PeftAdapterConfig
         {
@@ -93,14 +93,14 @@ public sealed class PeftAdapterConfig
         var node = o[key];
         if (node is null) return null;
         if (node is JsonValue v && v.TryGetValue<double>(out var d)) return d;
-        throw new LoraSharpException($"{source}: '{key}' must be a number, got {node.ToJsonString()}", source, key);
+        throw new LoraSharpException($"'{key}' must be a number, got {node.ToJsonString()}", source, key);
     }
 
     static int? Int(JsonObject o, string key, string source)
     {
         var d = Num(o, key, source);
         if (d is null) return null;
-        if (d != Math.Floor(d.Value) || d <= 0) throw new LoraSharpException($"{source}: '{key}' must be a positive integer, got {d}", source, key);
+        if (d != Math.Floor(d.Value) || d <= 0) throw new LoraSharpException($"'{key}' must be a positive integer, got {d}", source, key);
         return (int)d.Value;
     }
 
@@ -111,7 +111,7 @@ public sealed class PeftAdapterConfig
         foreach (var (k, v) in map)
         {
             if (v is JsonValue jv && jv.TryGetValue<double>(out var d)) result[k] = d;
-            else throw new LoraSharpException($"{source}: {key}['{k}'] must be a number", source, key);
+            else throw new LoraSharpException($"{key}['{k}'] must be a number", source, key);
         }
         return result;
     }
