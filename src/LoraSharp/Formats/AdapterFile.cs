@@ -71,7 +71,7 @@ public static class AdapterFile
         options ??= new AdapterReadOptions();
         var (tensorFile, configFile) = Locate(path);
         var config = configFile is null ? null : PeftAdapterConfig.Read(configFile);
-        using var source = SafetensorsFile.Open(tensorFile); // TODO(io): TensorFiles.Open for adapter_model.bin
+        using var source = TensorFiles.Open(tensorFile);
         var name = options.Name ?? (Directory.Exists(path) ? new DirectoryInfo(path).Name : Path.GetFileNameWithoutExtension(path));
         return Read(source, name, config, target, options);
     }
