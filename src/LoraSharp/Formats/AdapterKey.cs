@@ -21,8 +21,8 @@ public enum KeyFormat
 /// </summary>
 public sealed record AdapterKey(string FileKey, KeyFormat Format, string Component, string ModuleName, string Role)
 {
-    /// <summary>The module as one string for grouping: component + module name.</summary>
-    public string GroupName => Format == KeyFormat.Kohya ? ModuleName : Component + ModuleName;
+    /// <summary>The module as one string without a target model: the kohya name, the PEFT path, or component + path.</summary>
+    public string GroupName => Format is KeyFormat.Kohya or KeyFormat.Peft ? ModuleName : Component + ModuleName;
 }
 
 /// <summary>Parses adapter tensor keys of every common layout. Pure string work; no guessing of module paths.</summary>
