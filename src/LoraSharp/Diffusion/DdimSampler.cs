@@ -39,6 +39,9 @@ public sealed class DdimSampler : ISampler
         _timestepsF = _timesteps.Select(t => (float)t).ToArray();
     }
 
+    /// <summary>Nothing to release: this sampler keeps no tensors between steps.</summary>
+    public void Dispose() { }
+
     public Tensor InitialLatents(long[] shape, INoiseSource noise, ScalarType dtype, Device device) => noise.Next(shape, dtype, device);
 
     public Tensor ScaleModelInput(Tensor sample, int i)

@@ -66,6 +66,14 @@ public sealed class DpmSolverMultistepSampler : ISampler
 
     public Tensor InitialLatents(long[] shape, INoiseSource noise, ScalarType dtype, Device device) => noise.Next(shape, dtype, device);
 
+    /// <summary>Releases the kept model output.</summary>
+    public void Dispose()
+    {
+        _previousX0?.Dispose();
+        _previousX0 = null;
+        _expectedNext = 0;
+    }
+
     public Tensor ScaleModelInput(Tensor sample, int i)
     {
         ScheduleMath.CheckIndex(i, Steps);
@@ -121,7 +129,7 @@ public sealed class DpmSolverMultistepSampler : ISampler
         }
 
         _previousX0?.Dispose();
-        _previousX0 = x0.detach().MoveToOuterDisposeScope();
+        _previousX0 = x0.detach().DetachFromDisposeScope(); // sampler state: owned here, not by the caller's scope
         _expectedNext = i + 1;
         return prev.to_type(modelOutput.dtype).MoveToOuterDisposeScope();
     }

@@ -55,6 +55,9 @@ public sealed class EulerSampler : ISampler
         InitNoiseSigma = spacing is TimestepSpacing.Linspace or TimestepSpacing.Trailing ? maxSigma : Math.Sqrt(maxSigma * maxSigma + 1);
     }
 
+    /// <summary>Nothing to release: this sampler keeps no tensors between steps.</summary>
+    public void Dispose() { }
+
     public Tensor InitialLatents(long[] shape, INoiseSource noise, ScalarType dtype, Device device)
     {
         using var scope = NewDisposeScope();

@@ -12,9 +12,9 @@ namespace LoraSharp.Diffusion;
 /// }
 /// </code>
 /// Steps must be taken in order 0..Steps-1 (multistep samplers keep the previous model outputs; step 0 resets them).
-/// Returned tensors belong to the caller.
+/// Returned tensors belong to the caller; state a sampler keeps between steps belongs to the sampler (dispose it).
 /// </summary>
-public interface ISampler
+public interface ISampler : IDisposable
 {
     /// <summary>A1111's display name ("Euler a", "DPM++ 2M Karras").</summary>
     string Name { get; }

@@ -26,7 +26,7 @@ public class SamplerReferenceTests(Xunit.Abstractions.ITestOutputHelper output)
     sealed record Case(string Name, ISampler Sampler, SafetensorsFile File, int Steps) : IDisposable
     {
         public Tensor T(string key) => File.Load(key, ScalarType.Float32);
-        public void Dispose() => File.Dispose();
+        public void Dispose() { Sampler.Dispose(); File.Dispose(); }
     }
 
     static Case Open(string name)
