@@ -192,7 +192,8 @@ public sealed partial class ClipTokenizer
         return map;
     }
 
-    [GeneratedRegex(@"\s+")]
+    // Python's \s (str.isspace) also covers the information separators U+001C..U+001F.
+    [GeneratedRegex(@"[\s\x1c-\x1f]+")]
     private static partial Regex Whitespace();
 
     // CLIP's pre-tokenizer (compiled with IGNORECASE in the original; the text is already lower-cased).
@@ -200,7 +201,31 @@ public sealed partial class ClipTokenizer
     private static partial Regex Pretokenizer();
 
     /// <summary>whitespace_clean(text).lower(), as transformers' CLIPTokenizer does (ftfy's fix_text taken as identity).</summary>
-    public static string Normalize(string text) => Whitespace().Replace(text, " ").Trim().ToLowerInvariant();
+    public static string Normalize(string text) => PythonLower(Whitespace().Replace(text, " ").Trim(' '));
+
+    /// <summary>
+    /// Python's str.lower(): the invariant simple mapping plus the two full-mapping rules that differ from it —
+    /// 'İ' (U+0130) becomes "i̇" and a capital sigma ending a word becomes final 'ς'.
+    /// </summary>
+    static string PythonLower(string text)
+    {
+        if (text.IndexOf('\u0130') < 0 && text.IndexOf('\u03A3') < 0)
+            return text.ToLowerInvariant();
+        var sb = new StringBuilder(text.Length + 4);
+        for (int i = 0; i < text.Length; i++)
+        {
+            char c = text[i];
+            if (c == '\u0130') sb.Append("i\u0307");
+            else if (c == '\u03A3')
+            {
+                bool afterCased = i > 0 && char.IsLetter(text[i - 1]);
+                bool beforeCased = i + 1 < text.Length && char.IsLetter(text[i + 1]);
+                sb.Append(afterCased && !beforeCased ? '\u03C2' : '\u03C3');
+            }
+            else sb.Append(char.ToLowerInvariant(c));
+        }
+        return sb.ToString();
+    }
 
     /// <summary>The BPE token strings of a text (no BOS/EOS), in byte-unicode form with '&lt;/w&gt;' word ends.</summary>
     public IReadOnlyList<string> Tokenize(string text)

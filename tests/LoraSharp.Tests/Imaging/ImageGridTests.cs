@@ -55,3 +55,25 @@ public class ImageGridTests
         images.ForEach(i => i.Dispose());
     }
 }
+
+public class ImageGridLabelTests
+{
+    [Fact]
+    public void Labels_are_drawn_in_the_label_bands()
+    {
+        if (SKFontManager.Default.FontFamilyCount == 0) return; // a machine without any font draws no text
+        using var img = new SKBitmap(64, 64);
+        img.Erase(SKColors.White);
+        using var grid = ImageGrid.Compose([img, img], ["row label"], ["A", "B"]);
+        int labelW = grid.Width - 2 * 64, labelH = grid.Height - 64;
+        bool Dark(int x0, int y0, int w, int h)
+        {
+            for (int y = y0; y < y0 + h; y++)
+                for (int x = x0; x < x0 + w; x++)
+                    if (grid.GetPixel(x, y).Red < 128) return true;
+            return false;
+        }
+        Assert.True(Dark(labelW, 0, 2 * 64, labelH), "no column label pixels");
+        Assert.True(Dark(0, labelH, labelW, 64), "no row label pixels");
+    }
+}

@@ -100,4 +100,11 @@ public class ClipTokenizerTests
         Assert.Contains("merges.txt", e.Message);
         Assert.Contains("line 3", e.Message);
     }
+
+    [Theory]
+    [InlineData("  A\tB\u001fC\n ", "a b c")]
+    [InlineData("ΟΔΟΣ ΣΑ", "οδος σα")]
+    [InlineData("İstanbul", "i\u0307stanbul")]
+    public void Normalize_matches_python_whitespace_clean_and_lower(string input, string expected) =>
+        Assert.Equal(expected, ClipTokenizer.Normalize(input));
 }
