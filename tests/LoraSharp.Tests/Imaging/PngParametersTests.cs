@@ -186,4 +186,26 @@ public class PngParametersTests
         var root = LoraSharp.Cli.CommandLine.Build();
         Assert.Contains(root.Subcommands, c => c.Name == "png-info");
     }
+
+    [Fact]
+    public void Reference_decoded_image_round_trips_through_png_pixel_exactly()
+    {
+        using var tmp = new TempDir();
+        using var scope = NewDisposeScope();
+        using var file = LoraSharp.IO.SafetensorsFile.Open(ReferenceData.PathOf("sd", "samplers", "euler.safetensors"));
+        var image = file.Load("decoded_image"); // [1, 3, 128, 128], roughly [-1, 1], not clamped
+        PngImage.Save(image, tmp.File("euler.png"), Sample("a photo of a cat"));
+        using var bitmap = PngImage.Load(tmp.File("euler.png"));
+        var expected = ((image[0].clamp(-1, 1) + 1) * 127.5).round().to_type(ScalarType.Byte).permute(1, 2, 0).contiguous().data<byte>().ToArray();
+        int w = bitmap.Width, mismatches = 0;
+        for (int y = 0; y < bitmap.Height; y++)
+            for (int x = 0; x < w; x++)
+            {
+                var px = bitmap.GetPixel(x, y);
+                int o = (y * w + x) * 3;
+                if (px.Red != expected[o] || px.Green != expected[o + 1] || px.Blue != expected[o + 2]) mismatches++;
+            }
+        Assert.Equal((128, 128), (bitmap.Width, bitmap.Height));
+        Assert.Equal(0, mismatches);
+    }
 }

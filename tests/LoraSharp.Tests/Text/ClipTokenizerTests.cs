@@ -107,4 +107,19 @@ public class ClipTokenizerTests
     [InlineData("İstanbul", "i\u0307stanbul")]
     public void Normalize_matches_python_whitespace_clean_and_lower(string input, string expected) =>
         Assert.Equal(expected, ClipTokenizer.Normalize(input));
+
+    [Fact]
+    public void Reference_prompts_tokenize_to_the_recorded_text_encoder_and_sampler_inputs()
+    {
+        var prompts = ReferenceData.ReadJson("sd", "manifest.json")["prompts"]!.AsArray().Select(p => (string)p!).ToArray();
+        using var te = LoraSharp.IO.SafetensorsFile.Open(ReferenceData.PathOf("sd", "forward", "te_ref.safetensors"));
+        using var ids = te.Load("input_ids");
+        for (int i = 0; i < prompts.Length; i++)
+            Assert.Equal(ids[i].data<long>().Select(v => (int)v).ToArray(), Tokenizer.Value.Encode(prompts[i]));
+
+        using var sampler = LoraSharp.IO.SafetensorsFile.Open(ReferenceData.PathOf("sd", "samplers", "euler.safetensors"));
+        using var samplerIds = sampler.Load("input_ids"); // [uncond "", cond "a photo of a cat"]
+        Assert.Equal(samplerIds[0].data<long>().Select(v => (int)v).ToArray(), Tokenizer.Value.Encode(""));
+        Assert.Equal(samplerIds[1].data<long>().Select(v => (int)v).ToArray(), Tokenizer.Value.Encode("a photo of a cat"));
+    }
 }
