@@ -229,7 +229,7 @@ public abstract class Adapter : nn.Module
         return new ModuleAdapterWeights
         {
             ModulePath = ModulePath, Algorithm = Algorithm, Tensors = tensors, Alpha = Alpha, RsLora = RsLora, Convention = Convention,
-            Rank = Algorithm == AdapterAlgorithm.LoKr ? Rank : null,
+            Rank = Algorithm == AdapterAlgorithm.LoKr && Rank > 0 ? (int)Rank : null,
         };
     }
 
