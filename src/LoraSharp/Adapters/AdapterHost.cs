@@ -245,12 +245,13 @@ public sealed class AdapterHost : IDisposable
         CheckNewName(name);
         var paths = _adaptable.Where(selector.Matches).ToList();
         if (paths.Count == 0)
-            throw new ArgumentException($"Adapter '{name}': the selector {selector} matches no Linear/Conv2d module. Some module paths: {string.Join(", ", _adaptable.Take(8))}.");
+            throw new LoraSharpException($"Adapter '{name}': the selector {selector} matches no Linear/Conv2d module. Some module paths: {string.Join(", ", _adaptable.Take(8))}.");
         var built = new List<(Slot, Adapter)>();
         foreach (var p in paths)
         {
             var slot = SlotFor(p, _allModules[p]);
-            built.Add((slot, AdapterFactory.Create(p, slot.Geometry, config, slot.Weight.device, slot.Weight)));
+            // DoRA starts from the original weight, also when other adapters are merged into it right now
+            built.Add((slot, AdapterFactory.Create(p, slot.Geometry, config, slot.Weight.device, slot.BackupWeight ?? slot.Weight)));
         }
         return Register(name, built, multiplier, trainable: true, [], new Dictionary<string, string>());
     }
