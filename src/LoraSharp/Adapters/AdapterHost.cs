@@ -92,9 +92,12 @@ public sealed class AttachedAdapter
     /// <summary>Per-module weight (e.g. LoRA Block Weight), multiplied in; called with the host module path.</summary>
     public Func<string, double>? ModuleWeight { get => _moduleWeight; set { _moduleWeight = value; _host.MarkDirty(this); } }
 
-    /// <summary>Set text-encoder and UNet multipliers by prefix (A1111 te/unet split).</summary>
-    public void SetComponentMultipliers(double textEncoder, double unet, string textEncoderPrefix = "text_encoder.", string unetPrefix = "unet.") =>
-        ComponentMultipliers = new Dictionary<string, double> { [textEncoderPrefix] = textEncoder, [unetPrefix] = unet };
+    /// <summary>
+    /// A1111 &lt;lora:name:te:unet&gt;: the text-encoder multiplier for paths under "text_encoder." and "text_encoder_2."
+    /// (SDXL), the UNet multiplier for "unet." (the component prefixes of LoraSharp's SD models and Formats).
+    /// </summary>
+    public void SetComponentMultipliers(double textEncoder, double unet) =>
+        ComponentMultipliers = new Dictionary<string, double> { ["text_encoder."] = textEncoder, ["text_encoder_2."] = textEncoder, ["unet."] = unet };
 
     /// <summary>The multiplier this adapter has on one module: enabled × m × component × module weight.</summary>
     public double MultiplierFor(string path)

@@ -144,6 +144,8 @@ public class AdapterHostTests
             b.Multiplier = 0.5;
             Assert.True(MaxAbs(q.call(x), q0.add(qa.sub(q0).mul(0.25)).add(qb.sub(q0))) < 1e-5);
             Assert.True(MaxAbs(conv.call(xi), c0.add(ca.sub(c0).mul(2)).add(cb.sub(c0))) < 1e-4);
+            Assert.Equal(0.25, a.MultiplierFor("text_encoder_2.x"));
+            Assert.Equal(1.0, a.MultiplierFor("vae.x"));
             // per-module weight (LoRA Block Weight style)
             a.ComponentMultipliers = null;
             a.ModuleWeight = p => p == "unet.conv" ? 0 : 1;
