@@ -192,6 +192,21 @@ public sealed class AdapterHost : IDisposable
     public AdapterMode Mode => _mode;
 
     /// <summary>
+    /// Keep each adapter's ΔW (fp32) between merges, so a multiplier change costs one add per adapter (default).
+    /// Off: ΔW is recomputed at every re-merge — for models where an fp32 copy of every adapted weight does not fit.
+    /// </summary>
+    public bool CacheDeltas
+    {
+        get => _cacheDeltas;
+        set
+        {
+            _cacheDeltas = value;
+            if (!value) InvalidateCache();
+        }
+    }
+    bool _cacheDeltas = true;
+
+    /// <summary>
     /// Attach file weights (the Formats contract). Every module path must exist in the tree (with
     /// <see cref="AttachOptions.PathPrefix"/>); an unknown path throws listing the closest paths, or is reported
     /// when <see cref="AttachOptions.Lenient"/>. The weights are copied; the caller may dispose them afterwards.
@@ -443,9 +458,9 @@ public sealed class AdapterHost : IDisposable
             {
                 var saved = a.ComputeDType;
                 a.ComputeDType = mergeType;
-                try { delta = a.DeltaWeight().detach().DetachFromDisposeScope(); } // the cache outlives this scope
+                try { delta = a.DeltaWeight().detach(); }
                 finally { a.ComputeDType = saved; }
-                s.DeltaCache[a] = delta;
+                if (CacheDeltas) s.DeltaCache[a] = delta.DetachFromDisposeScope(); // the cache outlives this scope
             }
             if (a.Dora == DoraKind.None)
                 sumW = sumW is null ? w0.add(delta, m) : sumW.add_(delta, m); // W₀ + Σ m·ΔW, one pass per adapter

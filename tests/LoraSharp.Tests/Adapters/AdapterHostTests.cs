@@ -177,6 +177,14 @@ public class AdapterHostTests
         host.InvalidateCache("a");
         host.ApplyPending();
         Assert.False(Same(q.weight!, merged1));
+        var merged2 = q.weight!.detach().clone();
+        // without the cache, every re-merge sees the current parameters
+        host.CacheDeltas = false;
+        using (no_grad()) ((LoraAdapter)a.Modules.First(m => m.ModulePath == "text_encoder.q")).Up.mul_(0.5);
+        a.Multiplier = 1;
+        host.ApplyPending();
+        Assert.True(MaxAbs(q.weight!, merged1) < 1e-6);
+        Assert.False(Same(q.weight!, merged2));
     }
 
     [Fact]
