@@ -311,4 +311,26 @@ public class AdapterHostTests
         using var host = new AdapterHost(root);
         Assert.Empty(AdapterHost.ModulesNotCalled(root, () => { TeForward(root, x); UnetForward(root, randn(1, 4, 5, 5)); }));
     }
+
+    [Fact]
+    public void Path_prefix_maps_component_weights_onto_a_larger_tree()
+    {
+        using var scope = NewDisposeScope();
+        var root = Tree();
+        using var host = new AdapterHost(root);
+        manual_seed(3);
+        using var w = new AdapterWeights
+        {
+            Name = "te_only",
+            Modules = [new() { ModulePath = "q", Algorithm = AdapterAlgorithm.LoRA, Alpha = 2,
+                Tensors = new Dictionary<string, Tensor> { ["lora_down"] = randn(2, 8), ["lora_up"] = randn(8, 2) } }],
+        };
+        var a = host.Attach(w, options: new AttachOptions { PathPrefix = "text_encoder." });
+        Assert.Equal(["text_encoder.q"], a.Report.Attached);
+        using var back = a.Export(stripPrefix: "text_encoder.");
+        Assert.Equal("q", back.Modules.Single().ModulePath);
+        Assert.Equal(2, back.Modules.Single().Alpha);
+        var e = Assert.Throws<ArgumentException>(() => host.Attach(w, "te_only"));
+        Assert.Contains("already attached", e.Message);
+    }
 }
