@@ -27,6 +27,17 @@ public static class ReferenceData
         return dir?.FullName ?? throw new InvalidOperationException("Cannot find LoraSharp.sln above " + AppContext.BaseDirectory);
     }
 
+    /// <summary>
+    /// Parses a JSON file written by Python's json module, which may contain the non-standard literals
+    /// NaN, Infinity and -Infinity (as strings here).
+    /// </summary>
+    public static System.Text.Json.Nodes.JsonNode ReadJson(params string[] parts)
+    {
+        var text = File.ReadAllText(PathOf(parts));
+        text = System.Text.RegularExpressions.Regex.Replace(text, @"(?<=[:\[,]\s*)(-?Infinity|NaN)(?=\s*[,\]}])", "\"$1\"");
+        return System.Text.Json.Nodes.JsonNode.Parse(text)!;
+    }
+
     /// <summary>A path inside the reference folder; fails the test clearly when it is missing.</summary>
     public static string PathOf(params string[] parts)
     {
