@@ -17,7 +17,7 @@ static class SdReference
     static readonly ConcurrentDictionary<string, Lazy<StableDiffusionModel>> Models = new();
 
     public static JsonElement Manifest(string set) =>
-        Manifests.GetOrAdd(set, s => JsonDocument.Parse(File.ReadAllText(ReferenceData.PathOf(s, "manifest.json")))).RootElement;
+        Manifests.GetOrAdd(set, s => JsonDocument.Parse(ReferenceData.ReadJson(s, "manifest.json").ToJsonString())).RootElement;
 
     public static string PathOf(string set, string relative) => ReferenceData.PathOf(set, relative);
 

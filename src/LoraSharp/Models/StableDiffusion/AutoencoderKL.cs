@@ -117,10 +117,15 @@ public sealed class AutoencoderKL : nn.Module<Tensor, Tensor>
     /// <summary>Image [B, 3, H, W] in [−1, 1] → latent distribution at H/8 × W/8.</summary>
     public DiagonalGaussian Encode(Tensor image)
     {
-        using var scope = NewDisposeScope();
-        var h = _encoder.call(image);
-        if (_quantConv is not null) h = _quantConv.call(h);
-        return new DiagonalGaussian(h); // its tensors were moved out of this scope
+        Tensor moments;
+        using (var scope = NewDisposeScope())
+        {
+            var h = _encoder.call(image);
+            if (_quantConv is not null) h = _quantConv.call(h);
+            moments = h.MoveToOuterDisposeScope();
+        }
+        using (moments)
+            return new DiagonalGaussian(moments);
     }
 
     /// <summary>Latents (unscaled) → image in about [−1, 1].</summary>

@@ -163,7 +163,13 @@ public sealed class StableDiffusionModel : nn.Module
         throw new LoraSharpException($"no weights file found (looked for {string.Join(", ", names)})", componentFolder);
     }
 
-    internal static ITensorSource OpenTensors(string path) => SafetensorsFile.Open(path);
+    /// <summary>Opens a tensor file by its content (safetensors or PyTorch zip); a torch.save'd <c>{"state_dict": …}</c>
+    /// is seen without its <c>state_dict.</c> prefix.</summary>
+    internal static ITensorSource OpenTensors(string path)
+    {
+        var source = TensorFiles.Open(path);
+        return StateDictView.Unwrap(source);
+    }
 
     /// <summary>Splits leftover file keys into ignored (known non-parameters) and unexpected.</summary>
     internal static WeightLoadReport WithUnexpected(WeightLoadReport report, IEnumerable<string> leftover, bool throwOnUnexpected, Func<string, bool>? ignore = null)
