@@ -14,7 +14,7 @@ public class ForwardReferenceTests
         var data = new TheoryData<string, string, string>();
         foreach (var set in SdReference.Sets)
             foreach (var c in SdReference.Manifest(set).GetProperty("forward").EnumerateArray())
-                foreach (var layout in SdReference.Layouts)
+                foreach (var layout in SdReference.Layouts(set))
                     data.Add(set, c.GetProperty("name").GetString()!, layout);
         return data;
     }

@@ -164,7 +164,7 @@ public sealed class LdmKeyMap
         key.StartsWith(prefix, StringComparison.Ordinal) || key == prefix[..^1];
 
     /// <summary>Parameter mappings for a UNet/VAE module from a single file whose component root is <paramref name="root"/>.
-    /// 1×1-conv ↔ Linear weights (VAE attention, transformer proj_in/proj_out) are reshaped.</summary>
+    /// VAE attention Linear weights are stored as 1×1 convs; transformer proj_in/proj_out may be either (reshaped).</summary>
     public IReadOnlyList<KeyMapping> Mappings(IEnumerable<string> parameterKeys, string root, Func<string, string>? sourceKeyOf = null)
     {
         var list = new List<KeyMapping>();
@@ -175,9 +175,12 @@ public sealed class LdmKeyMap
             var source = root + ldm;
             if (sourceKeyOf is not null) source = sourceKeyOf(source);
             var rule = RuleFor(key)!;
-            bool reshape = key.EndsWith(".weight", StringComparison.Ordinal)
-                && (rule.Kind == LdmModuleKind.VaeAttention || key.EndsWith("proj_in.weight", StringComparison.Ordinal) || key.EndsWith("proj_out.weight", StringComparison.Ordinal));
-            list.Add(new KeyMapping(key, source, reshape ? TensorTransform.Reshape : TensorTransform.None));
+            bool weight = key.EndsWith(".weight", StringComparison.Ordinal);
+            var transform = !weight ? TensorTransform.None
+                : rule.Kind == LdmModuleKind.VaeAttention && !key.Contains("group_norm", StringComparison.Ordinal) ? TensorTransform.LinearAsConv1x1
+                : key.EndsWith("proj_in.weight", StringComparison.Ordinal) || key.EndsWith("proj_out.weight", StringComparison.Ordinal) ? TensorTransform.Reshape
+                : TensorTransform.None;
+            list.Add(new KeyMapping(key, source, transform));
         }
         return list;
     }

@@ -1,6 +1,7 @@
 using System.Globalization;
 using System.Text;
 using LoraSharp.IO;
+using TorchSharp;
 using static TorchSharp.torch;
 
 namespace LoraSharp.Models.StableDiffusion;
@@ -27,6 +28,10 @@ public static class StableDiffusionCheckpoint
     /// <summary>SDXL refiner's only encoder (OpenCLIP bigG).</summary>
     public const string RefinerTextRoot = "conditioner.embedders.0.model.";
 
+    /// <summary>Opens a single-file checkpoint (.safetensors or PyTorch zip .ckpt) by content; a .ckpt's <c>state_dict.</c>
+    /// level is hidden so keys read <c>model.diffusion_model.…</c>. Dispose the result.</summary>
+    public static ITensorSource Open(string path) => StableDiffusionModel.OpenTensors(path);
+
     /// <summary>Loads a single-file checkpoint (config derived from the file unless <see cref="StableDiffusionLoadOptions.Config"/> is given).</summary>
     public static StableDiffusionModel Load(string path, StableDiffusionLoadOptions? options = null)
     {
@@ -38,6 +43,7 @@ public static class StableDiffusionCheckpoint
     public static StableDiffusionModel Load(ITensorSource source, StableDiffusionLoadOptions? options = null)
     {
         options ??= new StableDiffusionLoadOptions();
+        source = StateDictView.Unwrap(source, ownsInner: false);
         var config = options.Config ?? DeriveConfig(source);
         var family = config.Family;
         var model = new StableDiffusionModel(config, options.Device, options.DType, options.LoadVae, options.LoadTextEncoders);
@@ -45,23 +51,8 @@ public static class StableDiffusionCheckpoint
         {
             var consumed = new HashSet<string>();
             var reports = new List<WeightLoadReport>();
-
-            var unetMap = LdmKeyMap.ForUNet(config.Unet);
-            Func<string, string>? ema = options.UseEma ? EmaKey : null;
-            reports.Add(WeightCopy.Copy(model.Unet, "unet", source, unetMap.Mappings(WeightCopy.StateKeys(model.Unet), UNetRoot, ema), consumed));
-
-            if (model.Vae is not null)
-            {
-                var vaeMap = LdmKeyMap.ForVae(config.Vae!);
-                reports.Add(WeightCopy.Copy(model.Vae, "vae", source, vaeMap.Mappings(WeightCopy.StateKeys(model.Vae), VaeRoot), consumed));
-            }
-            if (model.TextEncoder is not null)
-                reports.Add(WeightCopy.Copy(model.TextEncoder, "text_encoder", source, TextEncoderMappings(source, family, model.TextEncoder), consumed));
-            if (model.TextEncoder2 is not null)
-            {
-                var root = family == StableDiffusionFamily.SDXLRefiner ? RefinerTextRoot : SdxlText2Root;
-                reports.Add(WeightCopy.Copy(model.TextEncoder2, "text_encoder_2", source, ClipKeyMap.OpenClip(model.TextEncoder2.Config, root), consumed));
-            }
+            foreach (var (name, module, mappings) in ComponentMappings(model, source, options.UseEma))
+                reports.Add(WeightCopy.Copy(module, name, source, mappings, consumed));
 
             // File-level leftovers: keys of loaded components no parameter read, plus keys of components not loaded.
             var leftover = source.Keys.Where(k => !consumed.Contains(k)).ToList();
@@ -87,7 +78,71 @@ public static class StableDiffusionCheckpoint
     public static string EmaKey(string unetKey) =>
         "model_ema." + unetKey["model.".Length..].Replace(".", "", StringComparison.Ordinal);
 
-    static IReadOnlyList<KeyMapping> TextEncoderMappings(ITensorSource source, StableDiffusionFamily family, ClipTextModel te)
+    /// <summary>
+    /// Each present component's name, module and parameter mappings in the single-file layout of the model's family
+    /// (the same data drives <see cref="Load(ITensorSource, StableDiffusionLoadOptions?)"/> and <see cref="Save"/>).
+    /// </summary>
+    public static IEnumerable<(string Name, nn.Module Module, IReadOnlyList<KeyMapping> Mappings)> ComponentMappings(
+        StableDiffusionModel model, ITensorSource? source = null, bool useEma = false)
+    {
+        var config = model.Config;
+        var family = config.Family;
+        Func<string, string>? ema = useEma ? EmaKey : null;
+        yield return ("unet", model.Unet, LdmKeyMap.ForUNet(config.Unet).Mappings(WeightCopy.StateKeys(model.Unet), UNetRoot, ema));
+        if (model.Vae is not null)
+            yield return ("vae", model.Vae, LdmKeyMap.ForVae(config.Vae!).Mappings(WeightCopy.StateKeys(model.Vae), VaeRoot));
+        if (model.TextEncoder is not null)
+            yield return ("text_encoder", model.TextEncoder, TextEncoderMappings(source, family, model.TextEncoder));
+        if (model.TextEncoder2 is not null)
+        {
+            var root = family == StableDiffusionFamily.SDXLRefiner ? RefinerTextRoot : SdxlText2Root;
+            yield return ("text_encoder_2", model.TextEncoder2, ClipKeyMap.OpenClip(model.TextEncoder2.Config, root));
+        }
+    }
+
+    /// <summary>
+    /// Writes the model as one safetensors file in its family's ldm/SGM layout (the inverse of loading: q/k/v fused back
+    /// into OpenCLIP <c>in_proj</c>, <c>text_projection</c> transposed, VAE attention as 1×1 convs). Tensors are written
+    /// in <paramref name="dtype"/> (default: the parameters' dtype).
+    /// </summary>
+    public static void Save(StableDiffusionModel model, string path, IReadOnlyDictionary<string, string>? metadata = null, ScalarType? dtype = null)
+    {
+        if (model.Family == StableDiffusionFamily.Unknown)
+            throw new LoraSharpException("cannot choose a single-file layout for a model of unknown family", path);
+        var pending = new List<PendingTensor>();
+        foreach (var (_, module, mappings) in ComponentMappings(model))
+        {
+            var parameters = module.named_parameters().ToDictionary(p => p.name, p => (Tensor)p.parameter);
+            foreach (var group in mappings.GroupBy(m => m.Source))
+            {
+                var maps = group.OrderBy(m => m.Chunk).ToArray();
+                var first = maps[0];
+                var p0 = parameters[first.Target];
+                var type = dtype ?? p0.dtype;
+                long[] shape = first.Transform switch
+                {
+                    TensorTransform.FusedQkvChunk => [p0.shape[0] * 3, .. p0.shape[1..]],
+                    TensorTransform.Transpose => [p0.shape[1], p0.shape[0]],
+                    TensorTransform.LinearAsConv1x1 => [.. p0.shape, 1, 1],
+                    _ => p0.shape,
+                };
+                pending.Add(new PendingTensor(group.Key, type, shape, () =>
+                {
+                    using var noGrad = no_grad();
+                    var t = first.Transform switch
+                    {
+                        TensorTransform.FusedQkvChunk => cat(maps.Select(m => parameters[m.Target]).ToArray(), 0),
+                        TensorTransform.Transpose => p0.t().contiguous(),
+                        _ => p0.reshape(shape),
+                    };
+                    return t.to_type(type);
+                }));
+            }
+        }
+        SafetensorsWriter.Write(path, pending, metadata);
+    }
+
+    static IReadOnlyList<KeyMapping> TextEncoderMappings(ITensorSource? source, StableDiffusionFamily family, ClipTextModel te)
     {
         var keys = WeightCopy.StateKeys(te);
         switch (family)
@@ -98,7 +153,7 @@ public static class StableDiffusionCheckpoint
                 return ClipKeyMap.HuggingFace(keys, SdxlText1Root);
             default:
                 // SD1: old checkpoints store the HF model without the text_model level.
-                bool nested = source.Keys.Any(k => k.StartsWith(Sd1TextRoot + "text_model.", StringComparison.Ordinal));
+                bool nested = source is null || source.Keys.Any(k => k.StartsWith(Sd1TextRoot + "text_model.", StringComparison.Ordinal));
                 return nested
                     ? ClipKeyMap.HuggingFace(keys, Sd1TextRoot)
                     : keys.Select(k => new KeyMapping(k, Sd1TextRoot + (k.StartsWith("text_model.", StringComparison.Ordinal) ? k["text_model.".Length..] : k))).ToArray();
@@ -114,6 +169,7 @@ public static class StableDiffusionCheckpoint
     /// <summary>The family of a single file, from its text encoder roots, else from the UNet's context width.</summary>
     public static StableDiffusionFamily DetectFamily(ITensorSource source)
     {
+        source = StateDictView.Unwrap(source, ownsInner: false);
         bool Has(string prefix) => source.Keys.Any(k => k.StartsWith(prefix, StringComparison.Ordinal));
         if (!Has(UNetRoot)) return StableDiffusionFamily.Unknown;
         if (Has(SdxlText2Root)) return StableDiffusionFamily.SDXLBase;
@@ -143,6 +199,7 @@ public static class StableDiffusionCheckpoint
     /// </summary>
     public static StableDiffusionConfig DeriveConfig(ITensorSource source)
     {
+        source = StateDictView.Unwrap(source, ownsInner: false);
         var family = DetectFamily(source);
         if (family == StableDiffusionFamily.Unknown)
             throw new LoraSharpException("not a Stable Diffusion single-file checkpoint in ldm/SGM layout (need model.diffusion_model.* and a known text encoder root)", source.FilePath);
@@ -324,6 +381,7 @@ public static class StableDiffusionCheckpoint
     /// </summary>
     public static string Describe(ITensorSource source)
     {
+        source = StateDictView.Unwrap(source, ownsInner: false);
         var sb = new StringBuilder();
         var family = DetectFamily(source);
         sb.AppendLine(CultureInfo.InvariantCulture, $"File: {source.FilePath}");

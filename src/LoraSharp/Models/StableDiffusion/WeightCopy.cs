@@ -12,6 +12,8 @@ public enum TensorTransform
     /// <summary>Same elements, shape differs only by trailing 1s: a 1×1 conv stored for a Linear or the reverse
     /// (ldm VAE attention q/k/v/proj_out; proj_in/proj_out of SD1 vs SD2 transformers).</summary>
     Reshape,
+    /// <summary>A Linear weight [out, in] stored as a 1×1 conv [out, in, 1, 1] (ldm VAE attention q/k/v/proj_out).</summary>
+    LinearAsConv1x1,
     /// <summary>A 2-D tensor stored transposed (OpenCLIP <c>text_projection</c> [hidden, proj]).</summary>
     Transpose,
     /// <summary>Row block <see cref="KeyMapping.Chunk"/> of 3 of a fused q/k/v tensor (OpenCLIP <c>attn.in_proj_weight</c>).</summary>
@@ -25,6 +27,7 @@ public sealed record KeyMapping(string Target, string Source, TensorTransform Tr
     public long[]? ShapeAfter(long[] stored) => Transform switch
     {
         TensorTransform.None or TensorTransform.Reshape => stored,
+        TensorTransform.LinearAsConv1x1 => stored.Length == 4 && stored[2] == 1 && stored[3] == 1 ? stored[..2] : stored,
         TensorTransform.Transpose => stored.Length == 2 ? [stored[1], stored[0]] : null,
         TensorTransform.FusedQkvChunk => stored.Length >= 1 && stored[0] % 3 == 0 ? [stored[0] / 3, .. stored[1..]] : null,
         _ => null,
@@ -121,7 +124,7 @@ public static class WeightCopy
                 {
                     TensorTransform.Transpose => t.t(),
                     TensorTransform.FusedQkvChunk => t.chunk(3, 0)[map.Chunk],
-                    TensorTransform.Reshape => t.reshape(param.shape),
+                    TensorTransform.Reshape or TensorTransform.LinearAsConv1x1 => t.reshape(param.shape),
                     _ => t,
                 };
                 param.copy_(t);
