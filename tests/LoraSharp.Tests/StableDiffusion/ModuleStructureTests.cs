@@ -80,6 +80,7 @@ public class ModuleStructureTests
         var latents = randn(2, 4, 8, 8);
         var eps = model.Unet.Predict(latents, tensor(new long[] { 10, 500 }), ctx, textEmbeds, timeIds);
         Assert.Equal(latents.shape, eps.shape);
+        Assert.True(eps.isfinite().all().item<bool>());
         var image = randn(1, 3, 64, 64);
         using var dist = model.Vae!.Encode(image);
         Assert.Equal(new long[] { 1, 4, 8, 8 }, dist.Mean.shape);
@@ -87,6 +88,26 @@ public class ModuleStructureTests
         Assert.Equal(image.shape, decoded.shape);
 
         Assert.Empty(expected.Except(fired).Order());
+    }
+
+    /// <summary>Each module appears once, under its checkpoint path (no second path from C# field names), and a fresh
+    /// model's parameters are all finite (norm layers initialised to 1 / 0).</summary>
+    [Theory]
+    [InlineData("sd")]
+    [InlineData("sdxl")]
+    public void Every_module_has_one_path_and_fresh_parameters_are_finite(string set)
+    {
+        var config = StableDiffusionConfig.FromDiffusersFolder(SdReference.DiffusersDir(set));
+        using var model = new StableDiffusionModel(config);
+        var modules = model.named_modules().ToList();
+        Assert.Equal(modules.Count, modules.Select(m => m.module).Distinct(ReferenceEqualityComparer.Instance).Count());
+        Assert.DoesNotContain(modules, m => m.name.Split('.').Any(part => part.StartsWith('_')));
+        using var scope = NewDisposeScope();
+        foreach (var (name, p) in model.named_parameters())
+            Assert.True(p.isfinite().all().item<bool>(), $"{name} has non-finite values after construction");
+        foreach (var (name, m) in modules)
+            if (m is GroupNorm norm)
+                Assert.True(norm.weight!.eq(1).all().item<bool>() && norm.bias!.eq(0).all().item<bool>(), name);
     }
 
     [Fact]

@@ -89,6 +89,9 @@ public sealed class DiagonalGaussian : IDisposable
 /// </summary>
 public sealed class AutoencoderKL : nn.Module<Tensor, Tensor>
 {
+    /// <summary>Children are registered explicitly under checkpoint names; TorchSharp's field-based registration would add them again under the C# field names.</summary>
+    protected override void RegisterComponents() { }
+
     public VaeConfig Config { get; }
     readonly VaeEncoder _encoder;
     readonly VaeDecoder _decoder;
@@ -148,6 +151,9 @@ public sealed class AutoencoderKL : nn.Module<Tensor, Tensor>
 /// <summary>diffusers Encoder: conv_in, down_blocks (DownEncoderBlock2D), mid_block, conv_norm_out → SiLU → conv_out (2×latent channels).</summary>
 sealed class VaeEncoder : nn.Module<Tensor, Tensor>
 {
+    /// <summary>Children are registered explicitly under checkpoint names; TorchSharp's field-based registration would add them again under the C# field names.</summary>
+    protected override void RegisterComponents() { }
+
     readonly Conv2d _convIn, _convOut;
     readonly ModuleList<DownEncoderBlock2D> _downBlocks;
     readonly VaeMidBlock _midBlock;
@@ -167,7 +173,7 @@ sealed class VaeEncoder : nn.Module<Tensor, Tensor>
         }
         _downBlocks = nn.ModuleList(blocks.ToArray());
         _midBlock = new VaeMidBlock(c, boc[^1], device, dtype);
-        _convNormOut = nn.GroupNorm(c.NormNumGroups, boc[^1], 1e-6, device: device, dtype: dtype);
+        _convNormOut = Layers.GroupNorm(c.NormNumGroups, boc[^1], 1e-6, device: device, dtype: dtype);
         _convOut = nn.Conv2d(boc[^1], 2L * c.LatentChannels, 3, padding: 1, device: device, dtype: dtype);
         register_module("conv_in", _convIn);
         register_module("down_blocks", _downBlocks);
@@ -190,6 +196,9 @@ sealed class VaeEncoder : nn.Module<Tensor, Tensor>
 /// <summary>diffusers Decoder: conv_in, mid_block, up_blocks (UpDecoderBlock2D, widest first), conv_norm_out → SiLU → conv_out.</summary>
 sealed class VaeDecoder : nn.Module<Tensor, Tensor>
 {
+    /// <summary>Children are registered explicitly under checkpoint names; TorchSharp's field-based registration would add them again under the C# field names.</summary>
+    protected override void RegisterComponents() { }
+
     readonly Conv2d _convIn, _convOut;
     readonly VaeMidBlock _midBlock;
     readonly ModuleList<UpDecoderBlock2D> _upBlocks;
@@ -209,7 +218,7 @@ sealed class VaeDecoder : nn.Module<Tensor, Tensor>
             blocks.Add(new UpDecoderBlock2D(c, prev, outCh, addUpsample: i != rev.Length - 1, device, dtype));
         }
         _upBlocks = nn.ModuleList(blocks.ToArray());
-        _convNormOut = nn.GroupNorm(c.NormNumGroups, c.BlockOutChannels[0], 1e-6, device: device, dtype: dtype);
+        _convNormOut = Layers.GroupNorm(c.NormNumGroups, c.BlockOutChannels[0], 1e-6, device: device, dtype: dtype);
         _convOut = nn.Conv2d(c.BlockOutChannels[0], c.OutChannels, 3, padding: 1, device: device, dtype: dtype);
         register_module("conv_in", _convIn);
         register_module("mid_block", _midBlock);
@@ -232,6 +241,9 @@ sealed class VaeDecoder : nn.Module<Tensor, Tensor>
 /// <summary>diffusers DownEncoderBlock2D: <c>resnets</c> (no time embedding, eps 1e-6), optional <c>downsamplers.0</c> (padding 0).</summary>
 sealed class DownEncoderBlock2D : nn.Module<Tensor, Tensor>
 {
+    /// <summary>Children are registered explicitly under checkpoint names; TorchSharp's field-based registration would add them again under the C# field names.</summary>
+    protected override void RegisterComponents() { }
+
     readonly ModuleList<ResnetBlock2D> _resnets;
     readonly ModuleList<Downsample2D>? _downsamplers;
 
@@ -259,6 +271,9 @@ sealed class DownEncoderBlock2D : nn.Module<Tensor, Tensor>
 /// <summary>diffusers UpDecoderBlock2D: layers_per_block + 1 <c>resnets</c>, optional <c>upsamplers.0</c>.</summary>
 sealed class UpDecoderBlock2D : nn.Module<Tensor, Tensor>
 {
+    /// <summary>Children are registered explicitly under checkpoint names; TorchSharp's field-based registration would add them again under the C# field names.</summary>
+    protected override void RegisterComponents() { }
+
     readonly ModuleList<ResnetBlock2D> _resnets;
     readonly ModuleList<Upsample2D>? _upsamplers;
 
@@ -286,6 +301,9 @@ sealed class UpDecoderBlock2D : nn.Module<Tensor, Tensor>
 /// <summary>diffusers UNetMidBlock2D as the VAE uses it: <c>resnets.0</c>, <c>attentions.0</c> (single-head spatial attention), <c>resnets.1</c>.</summary>
 sealed class VaeMidBlock : nn.Module<Tensor, Tensor>
 {
+    /// <summary>Children are registered explicitly under checkpoint names; TorchSharp's field-based registration would add them again under the C# field names.</summary>
+    protected override void RegisterComponents() { }
+
     readonly ModuleList<ResnetBlock2D> _resnets;
     readonly ModuleList<VaeAttention>? _attentions;
 
@@ -318,13 +336,16 @@ sealed class VaeMidBlock : nn.Module<Tensor, Tensor>
 /// </summary>
 sealed class VaeAttention : nn.Module<Tensor, Tensor>
 {
+    /// <summary>Children are registered explicitly under checkpoint names; TorchSharp's field-based registration would add them again under the C# field names.</summary>
+    protected override void RegisterComponents() { }
+
     readonly GroupNorm _groupNorm;
     readonly Linear _q, _k, _v;
     readonly ModuleList<nn.Module<Tensor, Tensor>> _out;
 
     public VaeAttention(int ch, int groups, Device? device, ScalarType? dtype) : base("attention")
     {
-        _groupNorm = nn.GroupNorm(groups, ch, 1e-6, device: device, dtype: dtype);
+        _groupNorm = Layers.GroupNorm(groups, ch, 1e-6, device: device, dtype: dtype);
         _q = nn.Linear(ch, ch, device: device, dtype: dtype);
         _k = nn.Linear(ch, ch, device: device, dtype: dtype);
         _v = nn.Linear(ch, ch, device: device, dtype: dtype);

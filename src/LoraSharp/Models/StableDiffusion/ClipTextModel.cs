@@ -88,6 +88,9 @@ public sealed class ClipTextOutput : IDisposable
 /// </summary>
 public sealed class ClipTextModel : nn.Module<Tensor, ClipTextOutput>
 {
+    /// <summary>Children are registered explicitly under checkpoint names; TorchSharp's field-based registration would add them again under the C# field names.</summary>
+    protected override void RegisterComponents() { }
+
     public ClipTextConfig Config { get; }
     readonly ClipTextTransformer _textModel;
     readonly Linear? _textProjection;
@@ -147,6 +150,9 @@ public sealed class ClipTextModel : nn.Module<Tensor, ClipTextOutput>
 /// <summary><c>text_model</c>: embeddings, encoder, final_layer_norm. Returns all hidden states (embeddings first).</summary>
 sealed class ClipTextTransformer : nn.Module<Tensor, IReadOnlyList<Tensor>>
 {
+    /// <summary>Children are registered explicitly under checkpoint names; TorchSharp's field-based registration would add them again under the C# field names.</summary>
+    protected override void RegisterComponents() { }
+
     readonly ClipEmbeddings _embeddings;
     readonly ClipEncoder _encoder;
     internal LayerNorm FinalLayerNorm { get; }
@@ -155,7 +161,7 @@ sealed class ClipTextTransformer : nn.Module<Tensor, IReadOnlyList<Tensor>>
     {
         _embeddings = new ClipEmbeddings(c, device, dtype);
         _encoder = new ClipEncoder(c, device, dtype);
-        FinalLayerNorm = nn.LayerNorm(c.HiddenSize, c.LayerNormEps, device: device, dtype: dtype);
+        FinalLayerNorm = Layers.LayerNorm(c.HiddenSize, c.LayerNormEps, device: device, dtype: dtype);
         register_module("embeddings", _embeddings);
         register_module("encoder", _encoder);
         register_module("final_layer_norm", FinalLayerNorm);
@@ -170,6 +176,9 @@ sealed class ClipTextTransformer : nn.Module<Tensor, IReadOnlyList<Tensor>>
 
 sealed class ClipEmbeddings : nn.Module<Tensor, Tensor>
 {
+    /// <summary>Children are registered explicitly under checkpoint names; TorchSharp's field-based registration would add them again under the C# field names.</summary>
+    protected override void RegisterComponents() { }
+
     readonly Embedding _tokenEmbedding;
     readonly Embedding _positionEmbedding;
     readonly int _maxPositions;
@@ -197,6 +206,9 @@ sealed class ClipEmbeddings : nn.Module<Tensor, Tensor>
 
 sealed class ClipEncoder : nn.Module<Tensor, IReadOnlyList<Tensor>>
 {
+    /// <summary>Children are registered explicitly under checkpoint names; TorchSharp's field-based registration would add them again under the C# field names.</summary>
+    protected override void RegisterComponents() { }
+
     readonly ModuleList<ClipEncoderLayer> _layers;
 
     public ClipEncoder(ClipTextConfig c, Device? device, ScalarType? dtype) : base("encoder")
@@ -219,6 +231,9 @@ sealed class ClipEncoder : nn.Module<Tensor, IReadOnlyList<Tensor>>
 
 sealed class ClipEncoderLayer : nn.Module<Tensor, Tensor>
 {
+    /// <summary>Children are registered explicitly under checkpoint names; TorchSharp's field-based registration would add them again under the C# field names.</summary>
+    protected override void RegisterComponents() { }
+
     readonly ClipAttention _selfAttn;
     readonly LayerNorm _layerNorm1;
     readonly ClipMlp _mlp;
@@ -227,9 +242,9 @@ sealed class ClipEncoderLayer : nn.Module<Tensor, Tensor>
     public ClipEncoderLayer(ClipTextConfig c, Device? device, ScalarType? dtype) : base("layer")
     {
         _selfAttn = new ClipAttention(c, device, dtype);
-        _layerNorm1 = nn.LayerNorm(c.HiddenSize, c.LayerNormEps, device: device, dtype: dtype);
+        _layerNorm1 = Layers.LayerNorm(c.HiddenSize, c.LayerNormEps, device: device, dtype: dtype);
         _mlp = new ClipMlp(c, device, dtype);
-        _layerNorm2 = nn.LayerNorm(c.HiddenSize, c.LayerNormEps, device: device, dtype: dtype);
+        _layerNorm2 = Layers.LayerNorm(c.HiddenSize, c.LayerNormEps, device: device, dtype: dtype);
         register_module("self_attn", _selfAttn);
         register_module("layer_norm1", _layerNorm1);
         register_module("mlp", _mlp);
@@ -248,6 +263,9 @@ sealed class ClipEncoderLayer : nn.Module<Tensor, Tensor>
 /// <summary>Causal multi-head self-attention, scale head_dim^-0.5 (the SDPA default).</summary>
 sealed class ClipAttention : nn.Module<Tensor, Tensor>
 {
+    /// <summary>Children are registered explicitly under checkpoint names; TorchSharp's field-based registration would add them again under the C# field names.</summary>
+    protected override void RegisterComponents() { }
+
     readonly Linear _q, _k, _v, _out;
     readonly int _heads;
 
@@ -280,6 +298,9 @@ sealed class ClipAttention : nn.Module<Tensor, Tensor>
 
 sealed class ClipMlp : nn.Module<Tensor, Tensor>
 {
+    /// <summary>Children are registered explicitly under checkpoint names; TorchSharp's field-based registration would add them again under the C# field names.</summary>
+    protected override void RegisterComponents() { }
+
     readonly Linear _fc1, _fc2;
     readonly bool _quickGelu;
 

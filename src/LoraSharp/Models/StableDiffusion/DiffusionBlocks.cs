@@ -7,6 +7,31 @@ namespace LoraSharp.Models.StableDiffusion;
 // The building blocks the UNet and the VAE share, as diffusers' resnet.py / downsampling.py /
 // upsampling.py / embeddings.py define them (parameter names equal diffusers').
 
+/// <summary>Norm layers with PyTorch's initial values (TorchSharp 0.107's GroupNorm leaves weight and bias uninitialised).</summary>
+static class Layers
+{
+    public static GroupNorm GroupNorm(long groups, long channels, double eps, Device? device = null, ScalarType? dtype = null)
+    {
+        var norm = nn.GroupNorm(groups, channels, eps, device: device, dtype: dtype);
+        Reset(norm.weight, norm.bias);
+        return norm;
+    }
+
+    public static LayerNorm LayerNorm(long dim, double eps, Device? device = null, ScalarType? dtype = null)
+    {
+        var norm = nn.LayerNorm(dim, eps, device: device, dtype: dtype);
+        Reset(norm.weight, norm.bias);
+        return norm;
+    }
+
+    static void Reset(Tensor? weight, Tensor? bias)
+    {
+        using var noGrad = no_grad();
+        weight?.fill_(1.0);
+        bias?.zero_();
+    }
+}
+
 /// <summary>
 /// diffusers ResnetBlock2D (time_embedding_norm "default", pre-norm): norm1 → SiLU → conv1 (+ time_emb_proj(SiLU(temb)))
 /// → norm2 → SiLU → conv2, plus the input (through a 1×1 <c>conv_shortcut</c> when the width changes), divided by
@@ -14,6 +39,9 @@ namespace LoraSharp.Models.StableDiffusion;
 /// </summary>
 public sealed class ResnetBlock2D : nn.Module<Tensor, Tensor?, Tensor>
 {
+    /// <summary>Children are registered explicitly under checkpoint names; TorchSharp's field-based registration would add them again under the C# field names.</summary>
+    protected override void RegisterComponents() { }
+
     readonly GroupNorm _norm1, _norm2;
     readonly Conv2d _conv1, _conv2;
     readonly Linear? _timeEmbProj;
@@ -24,7 +52,7 @@ public sealed class ResnetBlock2D : nn.Module<Tensor, Tensor?, Tensor>
         double outputScaleFactor = 1.0, Device? device = null, ScalarType? dtype = null) : base(nameof(ResnetBlock2D))
     {
         _outputScaleFactor = outputScaleFactor;
-        _norm1 = nn.GroupNorm(groups, inChannels, eps, device: device, dtype: dtype);
+        _norm1 = Layers.GroupNorm(groups, inChannels, eps, device: device, dtype: dtype);
         _conv1 = nn.Conv2d(inChannels, outChannels, 3, padding: 1, device: device, dtype: dtype);
         register_module("norm1", _norm1);
         register_module("conv1", _conv1);
@@ -33,7 +61,7 @@ public sealed class ResnetBlock2D : nn.Module<Tensor, Tensor?, Tensor>
             _timeEmbProj = nn.Linear(t, outChannels, device: device, dtype: dtype);
             register_module("time_emb_proj", _timeEmbProj);
         }
-        _norm2 = nn.GroupNorm(groups, outChannels, eps, device: device, dtype: dtype);
+        _norm2 = Layers.GroupNorm(groups, outChannels, eps, device: device, dtype: dtype);
         _conv2 = nn.Conv2d(outChannels, outChannels, 3, padding: 1, device: device, dtype: dtype);
         register_module("norm2", _norm2);
         register_module("conv2", _conv2);
@@ -64,6 +92,9 @@ public sealed class ResnetBlock2D : nn.Module<Tensor, Tensor?, Tensor>
 /// <summary>diffusers Downsample2D with a conv (<c>conv</c>, 3×3 stride 2). Padding 0 (the VAE) pads right/bottom by one first.</summary>
 public sealed class Downsample2D : nn.Module<Tensor, Tensor>
 {
+    /// <summary>Children are registered explicitly under checkpoint names; TorchSharp's field-based registration would add them again under the C# field names.</summary>
+    protected override void RegisterComponents() { }
+
     readonly Conv2d _conv;
     readonly bool _asymmetricPad;
 
@@ -85,6 +116,9 @@ public sealed class Downsample2D : nn.Module<Tensor, Tensor>
 /// <summary>diffusers Upsample2D with a conv: nearest-neighbour ×2 (or to the given size), then <c>conv</c> 3×3.</summary>
 public sealed class Upsample2D : nn.Module<Tensor, long[]?, Tensor>
 {
+    /// <summary>Children are registered explicitly under checkpoint names; TorchSharp's field-based registration would add them again under the C# field names.</summary>
+    protected override void RegisterComponents() { }
+
     readonly Conv2d _conv;
 
     public Upsample2D(long channels, long outChannels, Device? device = null, ScalarType? dtype = null) : base(nameof(Upsample2D))
@@ -106,6 +140,9 @@ public sealed class Upsample2D : nn.Module<Tensor, long[]?, Tensor>
 /// <summary>diffusers TimestepEmbedding: <c>linear_1</c> → SiLU → <c>linear_2</c>.</summary>
 public sealed class TimestepEmbedding : nn.Module<Tensor, Tensor>
 {
+    /// <summary>Children are registered explicitly under checkpoint names; TorchSharp's field-based registration would add them again under the C# field names.</summary>
+    protected override void RegisterComponents() { }
+
     readonly Linear _linear1, _linear2;
 
     public TimestepEmbedding(long inChannels, long timeEmbedDim, Device? device = null, ScalarType? dtype = null) : base(nameof(TimestepEmbedding))

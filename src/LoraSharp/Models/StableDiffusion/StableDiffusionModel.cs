@@ -78,6 +78,9 @@ public sealed record StableDiffusionLoadOptions
 /// </summary>
 public sealed class StableDiffusionModel : nn.Module
 {
+    /// <summary>Children are registered explicitly under checkpoint names; TorchSharp's field-based registration would add them again under the C# field names.</summary>
+    protected override void RegisterComponents() { }
+
     public StableDiffusionConfig Config { get; }
     public StableDiffusionFamily Family => Config.Family;
     public UNet2DConditionModel Unet { get; }

@@ -128,6 +128,9 @@ public sealed record UNetInputs(Tensor Sample, Tensor Timestep, Tensor EncoderHi
 /// </summary>
 public sealed class UNet2DConditionModel : nn.Module<UNetInputs, Tensor>
 {
+    /// <summary>Children are registered explicitly under checkpoint names; TorchSharp's field-based registration would add them again under the C# field names.</summary>
+    protected override void RegisterComponents() { }
+
     public UNetConfig Config { get; }
     readonly Conv2d _convIn, _convOut;
     readonly TimestepEmbedding _timeEmbedding;
@@ -189,7 +192,7 @@ public sealed class UNet2DConditionModel : nn.Module<UNetInputs, Tensor>
         _upBlocks = nn.ModuleList(up.ToArray());
         register_module("up_blocks", _upBlocks);
 
-        _convNormOut = nn.GroupNorm(c.NormNumGroups, c.BlockOutChannels[0], c.NormEps, device: device, dtype: dtype);
+        _convNormOut = Layers.GroupNorm(c.NormNumGroups, c.BlockOutChannels[0], c.NormEps, device: device, dtype: dtype);
         _convOut = nn.Conv2d(c.BlockOutChannels[0], c.OutChannels, c.ConvOutKernel, padding: (c.ConvOutKernel - 1) / 2, device: device, dtype: dtype);
         register_module("conv_norm_out", _convNormOut);
         register_module("conv_out", _convOut);
@@ -262,11 +265,18 @@ public sealed record DownBlockOutput(Tensor Hidden, IReadOnlyList<Tensor> Output
 public sealed record UpBlockContext(Tensor Temb, Tensor EncoderHiddenStates, IReadOnlyList<Tensor> Skips, long[]? UpsampleSize);
 
 /// <summary>A down block: (hidden, temb, text states) → (hidden, outputs kept for the skip connections).</summary>
-public abstract class UNetDownBlock(string name) : nn.Module<Tensor, Tensor, Tensor, DownBlockOutput>(name);
+public abstract class UNetDownBlock(string name) : nn.Module<Tensor, Tensor, Tensor, DownBlockOutput>(name)
+{
+    /// <summary>Children are registered explicitly under checkpoint names; TorchSharp's field-based registration would add them again under the C# field names.</summary>
+    protected override void RegisterComponents() { }
+}
 
 /// <summary>An up block: (hidden, context) → hidden.</summary>
 public abstract class UNetUpBlock(string name) : nn.Module<Tensor, UpBlockContext, Tensor>(name)
 {
+    /// <summary>Children are registered explicitly under checkpoint names; TorchSharp's field-based registration would add them again under the C# field names.</summary>
+    protected override void RegisterComponents() { }
+
     public abstract int ResnetCount { get; }
 }
 
@@ -349,6 +359,9 @@ public sealed class CrossAttnDownBlock2D : UNetDownBlock
 /// <summary>diffusers UNetMidBlock2DCrossAttn: <c>resnets.0</c>, then (<c>attentions.k</c>, <c>resnets.k+1</c>).</summary>
 public sealed class UNetMidBlock2DCrossAttn : nn.Module<Tensor, Tensor, Tensor, Tensor>
 {
+    /// <summary>Children are registered explicitly under checkpoint names; TorchSharp's field-based registration would add them again under the C# field names.</summary>
+    protected override void RegisterComponents() { }
+
     readonly ModuleList<ResnetBlock2D> _resnets;
     readonly ModuleList<Transformer2DModel> _attentions;
 
@@ -464,6 +477,9 @@ public sealed class CrossAttnUpBlock2D : UNetUpBlock
 /// </summary>
 public sealed class Transformer2DModel : nn.Module<Tensor, Tensor, Tensor>
 {
+    /// <summary>Children are registered explicitly under checkpoint names; TorchSharp's field-based registration would add them again under the C# field names.</summary>
+    protected override void RegisterComponents() { }
+
     readonly GroupNorm _norm;
     readonly nn.Module<Tensor, Tensor> _projIn, _projOut;
     readonly ModuleList<BasicTransformerBlock> _blocks;
@@ -475,7 +491,7 @@ public sealed class Transformer2DModel : nn.Module<Tensor, Tensor, Tensor>
         _linear = c.UseLinearProjection;
         int headDim = channels / heads;
         _inner = (long)heads * headDim;
-        _norm = nn.GroupNorm(c.NormNumGroups, channels, 1e-6, device: device, dtype: dtype);
+        _norm = Layers.GroupNorm(c.NormNumGroups, channels, 1e-6, device: device, dtype: dtype);
         _projIn = _linear ? nn.Linear(channels, _inner, device: device, dtype: dtype) : nn.Conv2d(channels, _inner, 1, device: device, dtype: dtype);
         _blocks = nn.ModuleList(Enumerable.Range(0, layers)
             .Select(_ => new BasicTransformerBlock(_inner, heads, headDim, c.CrossAttentionDim, device, dtype)).ToArray());
@@ -508,17 +524,20 @@ public sealed class Transformer2DModel : nn.Module<Tensor, Tensor, Tensor>
 /// <summary>diffusers BasicTransformerBlock: norm1 → attn1 (self), norm2 → attn2 (cross), norm3 → ff (GEGLU), each residual.</summary>
 public sealed class BasicTransformerBlock : nn.Module<Tensor, Tensor, Tensor>
 {
+    /// <summary>Children are registered explicitly under checkpoint names; TorchSharp's field-based registration would add them again under the C# field names.</summary>
+    protected override void RegisterComponents() { }
+
     readonly LayerNorm _norm1, _norm2, _norm3;
     readonly CrossAttention _attn1, _attn2;
     readonly FeedForward _ff;
 
     public BasicTransformerBlock(long dim, int heads, int headDim, long crossAttentionDim, Device? device, ScalarType? dtype) : base(nameof(BasicTransformerBlock))
     {
-        _norm1 = nn.LayerNorm(dim, 1e-5, device: device, dtype: dtype);
+        _norm1 = Layers.LayerNorm(dim, 1e-5, device: device, dtype: dtype);
         _attn1 = new CrossAttention(dim, dim, heads, headDim, device, dtype);
-        _norm2 = nn.LayerNorm(dim, 1e-5, device: device, dtype: dtype);
+        _norm2 = Layers.LayerNorm(dim, 1e-5, device: device, dtype: dtype);
         _attn2 = new CrossAttention(dim, crossAttentionDim, heads, headDim, device, dtype);
-        _norm3 = nn.LayerNorm(dim, 1e-5, device: device, dtype: dtype);
+        _norm3 = Layers.LayerNorm(dim, 1e-5, device: device, dtype: dtype);
         _ff = new FeedForward(dim, dim * 4, device, dtype);
         register_module("norm1", _norm1);
         register_module("attn1", _attn1);
@@ -542,6 +561,9 @@ public sealed class BasicTransformerBlock : nn.Module<Tensor, Tensor, Tensor>
 /// <summary>diffusers Attention as the UNet uses it: bias-free <c>to_q/to_k/to_v</c>, <c>to_out.0</c> with bias, scale head_dim^-0.5.</summary>
 public sealed class CrossAttention : nn.Module<Tensor, Tensor, Tensor>
 {
+    /// <summary>Children are registered explicitly under checkpoint names; TorchSharp's field-based registration would add them again under the C# field names.</summary>
+    protected override void RegisterComponents() { }
+
     readonly Linear _q, _k, _v;
     readonly ModuleList<nn.Module<Tensor, Tensor>> _out;
     readonly int _heads, _headDim;
@@ -579,6 +601,9 @@ public sealed class CrossAttention : nn.Module<Tensor, Tensor, Tensor>
 /// <summary>diffusers FeedForward with GEGLU: <c>net.0</c> = GEGLU (<c>proj</c> to 2×inner; value · gelu(gate)), <c>net.1</c> dropout, <c>net.2</c> Linear.</summary>
 public sealed class FeedForward : nn.Module<Tensor, Tensor>
 {
+    /// <summary>Children are registered explicitly under checkpoint names; TorchSharp's field-based registration would add them again under the C# field names.</summary>
+    protected override void RegisterComponents() { }
+
     readonly ModuleList<nn.Module<Tensor, Tensor>> _net;
 
     public FeedForward(long dim, long inner, Device? device, ScalarType? dtype) : base(nameof(FeedForward))
@@ -599,6 +624,9 @@ public sealed class FeedForward : nn.Module<Tensor, Tensor>
 /// <summary>GEGLU: <c>proj</c> Linear(dim, 2·inner), split into value and gate, value · gelu(gate).</summary>
 public sealed class GEGLU : nn.Module<Tensor, Tensor>
 {
+    /// <summary>Children are registered explicitly under checkpoint names; TorchSharp's field-based registration would add them again under the C# field names.</summary>
+    protected override void RegisterComponents() { }
+
     readonly Linear _proj;
 
     public GEGLU(long dim, long inner, Device? device, ScalarType? dtype) : base(nameof(GEGLU))
