@@ -123,6 +123,9 @@ public class CheckpointTests
             Assert.True(r.Loaded > 0);
         }
         var diffusers = SdReference.Model(set, "diffusers");
+        // Models are built on the meta device and every parameter is replaced by its loaded tensor.
+        foreach (var m in new[] { model, diffusers })
+            Assert.All(m.named_parameters(), p => Assert.True(p.parameter.device.type == DeviceType.CPU && p.parameter.requires_grad, p.name));
         Assert.All(diffusers.LoadReports, r => Assert.True(r.IsComplete && r.Unexpected.Count == 0, r.ToString()));
         Assert.Equal(model.LoadReports.Where(r => r.Component != "file").Sum(r => r.Loaded), diffusers.LoadReports.Sum(r => r.Loaded));
     }

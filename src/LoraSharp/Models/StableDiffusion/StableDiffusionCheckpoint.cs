@@ -46,13 +46,14 @@ public static class StableDiffusionCheckpoint
         source = StateDictView.Unwrap(source, ownsInner: false);
         var config = options.Config ?? DeriveConfig(source);
         var family = config.Family;
-        var model = new StableDiffusionModel(config, options.Device, options.DType, options.LoadVae, options.LoadTextEncoders);
+        // Built on the meta device (no memory, no random initialisation); loading puts every parameter on options.Device.
+        var model = new StableDiffusionModel(config, StableDiffusionModel.MetaDevice, options.DType, options.LoadVae, options.LoadTextEncoders);
         try
         {
             var consumed = new HashSet<string>();
             var reports = new List<WeightLoadReport>();
             foreach (var (name, module, mappings) in ComponentMappings(model, source, options.UseEma))
-                reports.Add(WeightCopy.Copy(module, name, source, mappings, consumed));
+                reports.Add(WeightCopy.Copy(module, name, source, mappings, consumed, materializeOn: options.Device));
 
             // File-level leftovers: keys of loaded components no parameter read, plus keys of components not loaded.
             var leftover = source.Keys.Where(k => !consumed.Contains(k)).ToList();

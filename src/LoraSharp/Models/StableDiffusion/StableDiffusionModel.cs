@@ -126,7 +126,8 @@ public sealed class StableDiffusionModel : nn.Module
     {
         options ??= new StableDiffusionLoadOptions();
         var config = StableDiffusionConfig.FromDiffusersFolder(folder);
-        var model = new StableDiffusionModel(config, options.Device, options.DType, options.LoadVae, options.LoadTextEncoders);
+        // Built on the meta device (no memory, no random initialisation); loading puts every parameter on options.Device.
+        var model = new StableDiffusionModel(config, MetaDevice, options.DType, options.LoadVae, options.LoadTextEncoders);
         try
         {
             var reports = new List<WeightLoadReport>();
@@ -136,7 +137,7 @@ public sealed class StableDiffusionModel : nn.Module
                 var file = WeightsFile(Path.Combine(folder, name));
                 using var source = OpenTensors(file);
                 var consumed = new HashSet<string>();
-                var report = WeightCopy.Copy(module, name, source, WeightCopy.Identity(module), consumed);
+                var report = WeightCopy.Copy(module, name, source, WeightCopy.Identity(module), consumed, materializeOn: options.Device);
                 reports.Add(WithUnexpected(report, source.Keys.Where(k => !consumed.Contains(k)), options.ThrowOnUnexpected));
             }
             LoadComponent(model.Unet, "unet");
@@ -207,6 +208,8 @@ public sealed class StableDiffusionModel : nn.Module
         "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
         "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2", "logvar", "lvlb_weights",
     ];
+
+    internal static readonly Device MetaDevice = new(DeviceType.META);
 
     /// <summary>Number of parameters of a module.</summary>
     public static long ParameterCount(nn.Module module) => module.parameters().Sum(p => p.numel());

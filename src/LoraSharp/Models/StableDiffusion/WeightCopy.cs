@@ -1,5 +1,6 @@
 using LoraSharp.IO;
 using TorchSharp;
+using TorchSharp.Modules;
 using static TorchSharp.torch;
 
 namespace LoraSharp.Models.StableDiffusion;
@@ -72,8 +73,10 @@ public static class WeightCopy
     /// and mis-shaped keys unless <paramref name="allowIncomplete"/>; nothing is copied when it throws.
     /// </summary>
     /// <param name="consumed">Receives the file keys read (for the caller's unexpected-key report).</param>
+    /// <param name="materializeOn">Parameters of a module built on the meta device (no memory, no initialisation) are
+    /// replaced by the loaded tensors, placed on this device (default CPU); others are copied into.</param>
     public static WeightLoadReport Copy(nn.Module module, string component, ITensorSource source, IEnumerable<KeyMapping> mappings,
-        ISet<string>? consumed = null, bool allowIncomplete = false)
+        ISet<string>? consumed = null, bool allowIncomplete = false, Device? materializeOn = null)
     {
         var targets = new Dictionary<string, Tensor>();
         foreach (var (name, p) in module.named_parameters()) targets[name] = p;
@@ -85,7 +88,7 @@ public static class WeightCopy
 
         var missing = new List<string>();
         var mismatched = new List<string>();
-        var plan = new List<(Tensor Param, KeyMapping Map)>();
+        var plan = new List<(string Name, Tensor Param, KeyMapping Map)>();
         foreach (var (name, param) in targets)
         {
             if (!byTarget.TryGetValue(name, out var map) || !source.Contains(map.Source))
@@ -103,7 +106,7 @@ public static class WeightCopy
                 mismatched.Add($"{name}: file key {map.Source} [{string.Join(", ", stored)}] ({map.Transform}) → expected [{string.Join(", ", expected)}]");
                 continue;
             }
-            plan.Add((param, map));
+            plan.Add((name, param, map));
         }
 
         if (!allowIncomplete && (missing.Count > 0 || mismatched.Count > 0))
@@ -114,20 +117,25 @@ public static class WeightCopy
                 source.FilePath);
         }
 
+        var owners = new Dictionary<string, nn.Module>(module.named_modules().Select(m => KeyValuePair.Create(m.name, m.module))) { [""] = module };
         using (no_grad())
         {
-            foreach (var (param, map) in plan)
+            foreach (var (name, param, map) in plan)
             {
                 using var scope = NewDisposeScope();
-                var t = source.Load(map.Source, param.dtype, param.device);
+                bool onMeta = param.device.type == DeviceType.META;
+                var t = source.Load(map.Source, param.dtype, onMeta ? materializeOn ?? CPU : param.device);
                 t = map.Transform switch
                 {
-                    TensorTransform.Transpose => t.t(),
-                    TensorTransform.FusedQkvChunk => t.chunk(3, 0)[map.Chunk],
+                    TensorTransform.Transpose => t.t().contiguous(),
+                    TensorTransform.FusedQkvChunk => t.chunk(3, 0)[map.Chunk].clone(),
                     TensorTransform.Reshape or TensorTransform.LinearAsConv1x1 => t.reshape(param.shape),
                     _ => t,
                 };
-                param.copy_(t);
+                if (onMeta)
+                    Replace(owners, name, t);
+                else
+                    param.copy_(t);
                 consumed?.Add(map.Source);
             }
         }
@@ -140,6 +148,21 @@ public static class WeightCopy
             Missing = missing,
             ShapeMismatches = mismatched,
         };
+    }
+
+    /// <summary>Swaps a meta-device parameter for a real one through its owner's property (weight, bias of Linear,
+    /// Conv2d, GroupNorm, LayerNorm, Embedding).</summary>
+    static void Replace(Dictionary<string, nn.Module> owners, string name, Tensor value)
+    {
+        int dot = name.LastIndexOf('.');
+        var owner = owners[dot < 0 ? "" : name[..dot]];
+        var leaf = name[(dot + 1)..];
+        var property = owner.GetType().GetProperty(leaf, System.Reflection.BindingFlags.Public | System.Reflection.BindingFlags.Instance);
+        if (property is null || !property.CanWrite || !property.PropertyType.IsAssignableFrom(typeof(Parameter)))
+            throw new InvalidOperationException($"cannot replace parameter {name}: {owner.GetType().Name} has no settable '{leaf}' property");
+        var parameter = new Parameter(value, requires_grad: true);
+        parameter.DetachFromDisposeScope();
+        property.SetValue(owner, parameter);
     }
 
     static bool SameUpToTrailingOnes(long[] a, long[] b)
