@@ -25,8 +25,18 @@ public static class UNetBenchmark
         NormNumGroups = 32,
     };
 
+    /// <summary>SD1.5's text_encoder and vae configs.</summary>
+    public static StableDiffusionConfig Sd15Full => new()
+    {
+        Family = StableDiffusionFamily.SD1,
+        Unet = Sd15,
+        Vae = new VaeConfig { BlockOutChannels = [128, 256, 512, 512], LayersPerBlock = 2, NormNumGroups = 32 },
+        TextEncoder = new ClipTextConfig { HiddenSize = 768, IntermediateSize = 3072, NumHiddenLayers = 12, NumAttentionHeads = 12 },
+    };
+
     public static int Run(string[] args)
     {
+        if (args.Contains("--load")) return RunLoad(args);
         int batch = Option(args, "--batch", 1), runs = Option(args, "--runs", 3), size = Option(args, "--size", 64);
         string which = args.SkipWhile(a => a != "--dtype").Skip(1).FirstOrDefault() ?? "both";
         var dtypes = which switch
@@ -69,6 +79,43 @@ public static class UNetBenchmark
         if (results.Count == 2)
             Console.WriteLine($"bf16 speed-up over f32: {results[ScalarType.Float32] / results[ScalarType.BFloat16]:F2}×");
         return 0;
+    }
+
+    /// <summary>
+    /// <c>--load</c>: writes a full SD1.5-shaped single file (random fp16 weights, ~2.1 GB) to a temp folder, then times
+    /// <see cref="StableDiffusionModel.Load"/> into fp16 and reports the process RSS before/after and its peak.
+    /// </summary>
+    static int RunLoad(string[] args)
+    {
+        var dir = Directory.CreateTempSubdirectory("lorasharp-bench-unet-");
+        try
+        {
+            var path = Path.Combine(dir.FullName, "sd15_random_fp16.safetensors");
+            var sw = Stopwatch.StartNew();
+            using (var model = new StableDiffusionModel(Sd15Full, dtype: ScalarType.Float16))
+                StableDiffusionCheckpoint.Save(model, path);
+            Console.WriteLine($"generated {new FileInfo(path).Length / 1e9:F2} GB in {sw.Elapsed.TotalSeconds:F1} s: {path}");
+            GC.Collect();
+            GC.WaitForPendingFinalizers();
+            long before = Environment.WorkingSet;
+            using var process = Process.GetCurrentProcess();
+            sw.Restart();
+            using (var loaded = StableDiffusionModel.Load(path, new StableDiffusionLoadOptions { DType = ScalarType.Float16 }))
+            {
+                double seconds = sw.Elapsed.TotalSeconds;
+                process.Refresh();
+                long after = Environment.WorkingSet;
+                long bytes = loaded.parameters().Sum(p => p.numel() * 2);
+                Console.WriteLine($"loaded {bytes / 1e9:F2} GB of fp16 parameters in {seconds:F1} s ({bytes / 1e9 / seconds:F2} GB/s); "
+                    + $"RSS {before / 1e9:F2} → {after / 1e9:F2} GB (+{(after - before) / 1e9:F2}), peak {process.PeakWorkingSet64 / 1e9:F2} GB (includes the generation step)");
+                foreach (var r in loaded.LoadReports) Console.WriteLine("  " + r);
+            }
+            return 0;
+        }
+        finally
+        {
+            dir.Delete(recursive: true);
+        }
     }
 
     /// <summary>FLOPs of one forward from hooks: Linear and Conv2d multiply-adds, plus attention's QKᵀ and AV products.</summary>

@@ -110,6 +110,35 @@ public class ModuleStructureTests
                 Assert.True(norm.weight!.eq(1).all().item<bool>() && norm.bias!.eq(0).all().item<bool>(), name);
     }
 
+    /// <summary>Every forward frees its temporaries: after repeated calls (outputs disposed) no tensor is left alive.</summary>
+    [Fact]
+    public void Repeated_forwards_leave_no_live_tensors()
+    {
+        var model = SdReference.Model("sdxl", "diffusers");
+        using var noGrad = no_grad();
+        using var ids = randint(0, 49407, [2, 77], dtype: ScalarType.Int64);
+        using var latents = randn(2, 4, 8, 8);
+        using var t = tensor(new long[] { 10, 500 });
+        using var timeIds = tensor(new float[] { 128, 128, 0, 0, 128, 128, 256, 192, 16, 8, 128, 128 }).reshape(2, 6);
+        using var image = randn(1, 3, 32, 32);
+        void Step()
+        {
+            using var o1 = model.TextEncoder!.call(ids);
+            using var o2 = model.TextEncoder2!.call(ids);
+            using var penultimate = model.TextEncoder.Encode(ids, clipSkip: 2, applyFinalLayerNorm: false);
+            using var ctx = cat([o1.HiddenStates[^2], o2.HiddenStates[^2]], -1);
+            using var eps = model.Unet.Predict(latents, t, ctx, o2.TextEmbeds, timeIds);
+            using var dist = model.Vae!.Encode(image);
+            using var sample = dist.Sample();
+            using var decoded = model.Vae.Decode(sample);
+            using var reconstructed = model.Vae.call(image);
+        }
+        Step();
+        long before = TorchSharp.DisposeScopeManager.Statistics.ThreadTotalLiveCount;
+        for (int i = 0; i < 5; i++) Step();
+        Assert.Equal(before, TorchSharp.DisposeScopeManager.Statistics.ThreadTotalLiveCount);
+    }
+
     [Fact]
     public void Composite_model_names_components_unet_vae_text_encoder_text_encoder_2()
     {
