@@ -244,6 +244,35 @@ public class CheckpointTests
         Assert.True(relative < 0.05, $"relative error {relative} in {dtype}");
     }
 
+    [Fact]
+    public void Sd1_file_with_text_encoder_keys_without_text_model_level_loads()
+    {
+        using var tmp = new TempDir();
+        var path = tmp.File("old_te.safetensors");
+        const string nested = StableDiffusionCheckpoint.Sd1TextRoot + "text_model.";
+        using (var src = StableDiffusionCheckpoint.Open(SdReference.SingleFile("sd")))
+            SafetensorsWriter.Write(path, src.Keys.Select(k => new KeyValuePair<string, Tensor>(
+                k.StartsWith(nested, StringComparison.Ordinal) ? StableDiffusionCheckpoint.Sd1TextRoot + k[nested.Length..] : k, src.Load(k))));
+        using var model = StableDiffusionCheckpoint.Load(path, new StableDiffusionLoadOptions { Config = SdReference.DerivedConfig("sd", path), LoadVae = false });
+        Assert.Empty(model.LoadReports.Single(r => r.Component == "file").Unexpected);
+        using var scope = NewDisposeScope();
+        var reference = SdReference.Model("sd", "diffusers").TextEncoder!.named_parameters().ToDictionary(p => p.name, p => p.parameter);
+        foreach (var (name, p) in model.TextEncoder!.named_parameters())
+            Assert.True(Same(p, reference[name]), name);
+    }
+
+    [Theory]
+    [MemberData(nameof(SetNames))]
+    public void Describe_of_the_diffusers_folder_names_family_and_components(string set)
+    {
+        var text = StableDiffusionCheckpoint.Describe(SdReference.DiffusersDir(set));
+        var model = SdReference.Model(set, "diffusers");
+        Assert.Contains("Family: " + StableDiffusionCheckpoint.FamilyName(model.Family), text);
+        Assert.Contains("diffusers folder", text);
+        Assert.Contains($"({StableDiffusionModel.ParameterCount(model):N0})", text);
+        Assert.Equal(model.TextEncoder2 is not null, text.Contains("text_encoder_2", StringComparison.Ordinal));
+    }
+
     [Theory]
     [MemberData(nameof(SetNames))]
     public void Describe_names_family_components_and_parameter_counts(string set)

@@ -441,6 +441,51 @@ public static class StableDiffusionCheckpoint
         return sb.ToString();
     }
 
+    /// <summary>
+    /// <see cref="Describe(ITensorSource)"/> for a single file, or for a diffusers folder: family from the configs, and
+    /// each component's weights file with its tensor and parameter counts and dtypes.
+    /// </summary>
+    public static string Describe(string path)
+    {
+        if (!Directory.Exists(path))
+        {
+            using var source = Open(path);
+            return Describe(source);
+        }
+        var config = StableDiffusionConfig.FromDiffusersFolder(path);
+        var sb = new StringBuilder();
+        sb.AppendLine(CultureInfo.InvariantCulture, $"Folder: {Path.GetFullPath(path)}");
+        sb.AppendLine(CultureInfo.InvariantCulture, $"Family: {FamilyName(config.Family)}");
+        sb.AppendLine("Layout: diffusers folder");
+        sb.AppendLine("Components:");
+        long total = 0;
+        foreach (var component in new[] { "unet", "vae", "text_encoder", "text_encoder_2" })
+        {
+            var folder = Path.Combine(path, component);
+            if (!Directory.Exists(folder)) continue;
+            var file = StableDiffusionModel.WeightsFile(folder);
+            using var source = Open(file);
+            long parameters = 0;
+            var dtypes = new SortedDictionary<string, int>(StringComparer.Ordinal);
+            foreach (var k in source.Keys)
+            {
+                var info = source.Info(k);
+                if (!StableDiffusionModel.IsIgnorable(k)) parameters += info.ElementCount;
+                dtypes[info.DType] = dtypes.GetValueOrDefault(info.DType) + 1;
+            }
+            total += parameters;
+            sb.AppendLine(CultureInfo.InvariantCulture,
+                $"  {component,-16} {Path.GetFileName(file),-40} {source.Keys.Count,6} tensors {FormatCount(parameters),8} params  {string.Join(", ", dtypes.Select(d => $"{d.Key}×{d.Value}"))}");
+        }
+        sb.AppendLine(CultureInfo.InvariantCulture, $"Parameters: {FormatCount(total)} ({total:N0})");
+        var u = config.Unet;
+        sb.AppendLine(CultureInfo.InvariantCulture,
+            $"UNet: channels [{string.Join(", ", u.BlockOutChannels)}], heads [{string.Join(", ", u.AttentionHeads)}], transformer depth [{string.Join(", ", u.TransformerLayersPerBlock)}], context {u.CrossAttentionDim}, {(u.UseLinearProjection ? "linear" : "conv")} proj_in/out");
+        if (config.Vae is { } v)
+            sb.AppendLine(CultureInfo.InvariantCulture, $"VAE: channels [{string.Join(", ", v.BlockOutChannels)}], scaling factor {v.ScalingFactor}");
+        return sb.ToString();
+    }
+
     /// <summary>Human name of a family.</summary>
     public static string FamilyName(StableDiffusionFamily family) => family switch
     {
