@@ -244,6 +244,35 @@ public class CheckpointTests
         Assert.True(relative < 0.05, $"relative error {relative} in {dtype}");
     }
 
+    /// <summary>The kohya SDXL reference records, for every LoRA module, the SGM tensor it addresses (built by the
+    /// generator from kohya's own naming): the single-file key map must agree for all of them.</summary>
+    [Fact]
+    public void Single_file_key_map_agrees_with_the_kohya_sdxl_name_map()
+    {
+        var model = SdReference.Model("sdxl", "diffusers");
+        var map = StableDiffusionCheckpoint.SingleFileKeyMap(model);
+        var unetMap = LdmKeyMap.ForUNet(model.Config.Unet);
+        var nameMap = ReferenceData.ReadJson("sdxl", "lora", "kohya_lora_ref.json")["name_map"]!.AsObject();
+        Assert.NotEmpty(nameMap);
+        foreach (var (loraName, entry) in nameMap)
+        {
+            var component = entry!["component"]!.GetValue<string>() switch { "te1" => "text_encoder", "te2" => "text_encoder_2", var c => c };
+            var module = entry["module"]!.GetValue<string>();
+            var sgmKey = entry["sgm_key"]!.GetValue<string>();
+            var slice = entry["sgm_qkv_slice"];
+            var m = map[$"{component}.{module}.weight"];
+            Assert.Equal(sgmKey, m.Source);
+            if (slice is null) Assert.NotEqual(TensorTransform.FusedQkvChunk, m.Transform);
+            else Assert.Equal((TensorTransform.FusedQkvChunk, slice.GetValue<int>()), (m.Transform, m.Chunk));
+            if (component == "unet")
+            {
+                var sgmModule = sgmKey[StableDiffusionCheckpoint.UNetRoot.Length..^".weight".Length];
+                Assert.Equal(module, unetMap.ToDiffusers(sgmModule));
+                Assert.Equal("lora_unet_" + sgmModule.Replace('.', '_'), loraName);
+            }
+        }
+    }
+
     [Fact]
     public void Sd1_file_with_text_encoder_keys_without_text_model_level_loads()
     {

@@ -102,6 +102,22 @@ public static class StableDiffusionCheckpoint
     }
 
     /// <summary>
+    /// Every parameter of the composite model (<c>unet.…</c>, <c>vae.…</c>, <c>text_encoder.…</c>, <c>text_encoder_2.…</c>)
+    /// → its key in the family's single-file layout, with the transform between the two (e.g.
+    /// <c>text_encoder_2.text_model.encoder.layers.0.self_attn.k_proj.weight</c> → row block 1 of
+    /// <c>conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight</c>). For adapter formats that name
+    /// modules by their single-file paths (kohya SDXL: <c>lora_unet_input_blocks_4_1_…</c>).
+    /// </summary>
+    public static IReadOnlyDictionary<string, KeyMapping> SingleFileKeyMap(StableDiffusionModel model)
+    {
+        var map = new Dictionary<string, KeyMapping>(StringComparer.Ordinal);
+        foreach (var (name, _, mappings) in ComponentMappings(model))
+            foreach (var m in mappings)
+                map[name + "." + m.Target] = m with { Target = name + "." + m.Target };
+        return map;
+    }
+
+    /// <summary>
     /// Writes the model as one safetensors file in its family's ldm/SGM layout (the inverse of loading: q/k/v fused back
     /// into OpenCLIP <c>in_proj</c>, <c>text_projection</c> transposed, VAE attention as 1×1 convs). Tensors are written
     /// in <paramref name="dtype"/> (default: the parameters' dtype).
