@@ -251,6 +251,12 @@ public class CheckpointTests
     {
         var model = SdReference.Model("sdxl", "diffusers");
         var map = StableDiffusionCheckpoint.SingleFileKeyMap(model);
+        using (var file = StableDiffusionCheckpoint.Open(SdReference.SingleFile("sdxl")))
+        {
+            var fromHeaders = StableDiffusionCheckpoint.SingleFileKeyMap(file);
+            Assert.Equal(map.Keys.Order(), fromHeaders.Keys.Order());
+            Assert.All(map, kv => Assert.Equal(kv.Value, fromHeaders[kv.Key]));
+        }
         var unetMap = LdmKeyMap.ForUNet(model.Config.Unet);
         var nameMap = ReferenceData.ReadJson("sdxl", "lora", "kohya_lora_ref.json")["name_map"]!.AsObject();
         Assert.NotEmpty(nameMap);

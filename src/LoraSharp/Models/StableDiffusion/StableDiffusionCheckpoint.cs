@@ -118,6 +118,18 @@ public static class StableDiffusionCheckpoint
     }
 
     /// <summary>
+    /// <see cref="SingleFileKeyMap(StableDiffusionModel)"/> for a file, from its headers only (config derived from the
+    /// shapes unless given; the model is built on the meta device, so nothing is allocated or read).
+    /// </summary>
+    public static IReadOnlyDictionary<string, KeyMapping> SingleFileKeyMap(ITensorSource source, StableDiffusionConfig? config = null)
+    {
+        source = StateDictView.Unwrap(source, ownsInner: false);
+        config ??= DeriveConfig(source);
+        using var model = new StableDiffusionModel(config, StableDiffusionModel.MetaDevice);
+        return SingleFileKeyMap(model);
+    }
+
+    /// <summary>
     /// Writes the model as one safetensors file in its family's ldm/SGM layout (the inverse of loading: q/k/v fused back
     /// into OpenCLIP <c>in_proj</c>, <c>text_projection</c> transposed, VAE attention as 1×1 convs). Tensors are written
     /// in <paramref name="dtype"/> (default: the parameters' dtype).
