@@ -54,6 +54,17 @@ public sealed record StableDiffusionConfig
     }
 }
 
+/// <summary>What the UNet is conditioned on: the cross-attention states [B, T, context] and, for SDXL, the pooled
+/// projected text embeds [B, P] (null otherwise).</summary>
+public sealed record TextConditioning(Tensor Context, Tensor? PooledTextEmbeds) : IDisposable
+{
+    public void Dispose()
+    {
+        Context.Dispose();
+        PooledTextEmbeds?.Dispose();
+    }
+}
+
 /// <summary>Options for loading a Stable Diffusion model.</summary>
 public sealed record StableDiffusionLoadOptions
 {
@@ -210,6 +221,68 @@ public sealed class StableDiffusionModel : nn.Module
     ];
 
     internal static readonly Device MetaDevice = new(DeviceType.META);
+
+    /// <summary>
+    /// The UNet's text conditioning for token ids, by the family's convention. <paramref name="clipSkip"/> 1 = the
+    /// family's default layer, 2 = one layer earlier, ….
+    /// SD1/SD2: hidden state [−clipSkip] through the final layer norm (clip skip 1 = last_hidden_state; SD2's encoder
+    /// already omits OpenCLIP's last layer). SDXL base: cat(encoder 1, encoder 2) of hidden state [−(clipSkip+1)]
+    /// without the final norm (penultimate by default), with <paramref name="inputIds2"/> for encoder 2 (its tokenizer
+    /// pads with id 0; defaults to <paramref name="inputIds"/>); refiner: encoder 2 alone. SDXL also returns the pooled,
+    /// projected output of encoder 2 (last layer, final norm, EOS = argmax id) for <see cref="UNetInputs.TextEmbeds"/>.
+    /// </summary>
+    public TextConditioning EncodeText(Tensor inputIds, Tensor? inputIds2 = null, int clipSkip = 1)
+    {
+        if (clipSkip < 1) throw new ArgumentOutOfRangeException(nameof(clipSkip), clipSkip, "clip skip starts at 1");
+        using var scope = NewDisposeScope();
+        switch (Family)
+        {
+            case StableDiffusionFamily.SDXLBase:
+            case StableDiffusionFamily.SDXLRefiner:
+            {
+                var te2 = TextEncoder2 ?? throw new InvalidOperationException("this SDXL model was loaded without text_encoder_2");
+                using var o2 = te2.call(inputIds2 ?? inputIds);
+                var states2 = Pick(o2.HiddenStates, clipSkip + 1);
+                Tensor context;
+                if (Family == StableDiffusionFamily.SDXLBase)
+                {
+                    var te1 = TextEncoder ?? throw new InvalidOperationException("this SDXL model was loaded without text_encoder");
+                    using var o1 = te1.call(inputIds);
+                    context = cat([Pick(o1.HiddenStates, clipSkip + 1), states2], -1);
+                }
+                else
+                {
+                    context = states2.alias();
+                }
+                var pooled = o2.TextEmbeds!.alias();
+                return new TextConditioning(context.MoveToOuterDisposeScope(), pooled.MoveToOuterDisposeScope());
+            }
+            default:
+            {
+                var te = TextEncoder ?? throw new InvalidOperationException("this model was loaded without its text encoder");
+                return new TextConditioning(te.Encode(inputIds, clipSkip, applyFinalLayerNorm: true).MoveToOuterDisposeScope(), null);
+            }
+        }
+    }
+
+    static Tensor Pick(IReadOnlyList<Tensor> hiddenStates, int fromEnd) =>
+        fromEnd <= hiddenStates.Count - 1
+            ? hiddenStates[hiddenStates.Count - fromEnd]
+            : throw new ArgumentOutOfRangeException(nameof(fromEnd), $"clip skip reaches past the first layer ({hiddenStates.Count - 1} layers)");
+
+    /// <summary>
+    /// SDXL's added time ids per sample: base [orig_h, orig_w, crop_top, crop_left, target_h, target_w]; refiner
+    /// [orig_h, orig_w, crop_top, crop_left, aesthetic_score] (pixels; score e.g. 6 for the positive, 2.5 for the negative prompt).
+    /// </summary>
+    public Tensor TimeIds(int batch, (int Height, int Width) original, (int Top, int Left) crop, (int Height, int Width) target, double aestheticScore = 6.0)
+    {
+        float[] row = Family == StableDiffusionFamily.SDXLRefiner
+            ? [original.Height, original.Width, crop.Top, crop.Left, (float)aestheticScore]
+            : [original.Height, original.Width, crop.Top, crop.Left, target.Height, target.Width];
+        var device = Unet.parameters().First().device;
+        using var scope = NewDisposeScope();
+        return tensor(row, device: device).unsqueeze(0).expand(batch, row.Length).contiguous().MoveToOuterDisposeScope();
+    }
 
     /// <summary>Number of parameters of a module.</summary>
     public static long ParameterCount(nn.Module module) => module.parameters().Sum(p => p.numel());
