@@ -308,6 +308,45 @@ public class CheckpointTests
         Assert.Equal(model.TextEncoder2 is not null, text.Contains("text_encoder_2", StringComparison.Ordinal));
     }
 
+    [Fact]
+    public void Vae_can_keep_its_own_dtype_and_components_convert_their_inputs()
+    {
+        using var model = StableDiffusionModel.FromDiffusers(SdReference.DiffusersDir("sdxl"),
+            new StableDiffusionLoadOptions { DType = ScalarType.BFloat16, VaeDType = ScalarType.Float32 });
+        Assert.All(model.Unet.parameters(), p => Assert.Equal(ScalarType.BFloat16, p.dtype));
+        Assert.All(model.Vae!.parameters(), p => Assert.Equal(ScalarType.Float32, p.dtype));
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        using var file = SafetensorsFile.Open(SdReference.PathOf("sdxl", "forward/vae_ref.safetensors"));
+        var decoded = model.Vae.Decode(file.Load("vae_latents", ScalarType.BFloat16));
+        Assert.Equal(ScalarType.Float32, decoded.dtype);
+        using var unetFile = SafetensorsFile.Open(SdReference.PathOf("sdxl", "forward/unet_ref.safetensors"));
+        var eps = model.Unet.Predict(unetFile.Load("unet_latents"), unetFile.Load("unet_timesteps"), unetFile.Load("unet_context"),
+            unetFile.Load("unet_text_embeds"), unetFile.Load("unet_time_ids"));
+        Assert.Equal(ScalarType.BFloat16, eps.dtype);
+        var expected = unetFile.Load("unet_out");
+        double relative = ((eps.to_type(ScalarType.Float32) - expected).norm() / expected.norm()).item<float>();
+        Assert.True(relative < 0.05, $"relative error {relative}");
+    }
+
+    [Fact]
+    public void Upcast_attention_in_half_precision_stays_close_to_float32()
+    {
+        var config = StableDiffusionConfig.FromDiffusersFolder(SdReference.DiffusersDir("sd"));
+        using var model = StableDiffusionModel.FromDiffusers(SdReference.DiffusersDir("sd"), new StableDiffusionLoadOptions { DType = ScalarType.Float16, LoadVae = false, LoadTextEncoders = false });
+        using var upcast = new UNet2DConditionModel(config.Unet with { UpcastAttention = true }, dtype: ScalarType.Float16);
+        using (no_grad())
+            foreach (var (name, p) in upcast.named_parameters())
+                p.copy_(model.Unet.get_parameter(name)!);
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        using var file = SafetensorsFile.Open(SdReference.PathOf("sd", "forward/unet_ref.safetensors"));
+        var expected = file.Load("unet_out");
+        var eps = upcast.Predict(file.Load("unet_latents"), file.Load("unet_timesteps"), file.Load("unet_ehs"));
+        double relative = ((eps.to_type(ScalarType.Float32) - expected).norm() / expected.norm()).item<float>();
+        Assert.True(relative < 0.01, $"relative error {relative}");
+    }
+
     [Theory]
     [MemberData(nameof(SetNames))]
     public void Describe_names_family_components_and_parameter_counts(string set)

@@ -47,7 +47,7 @@ public static class StableDiffusionCheckpoint
         var config = options.Config ?? DeriveConfig(source);
         var family = config.Family;
         // Built on the meta device (no memory, no random initialisation); loading puts every parameter on options.Device.
-        var model = new StableDiffusionModel(config, StableDiffusionModel.MetaDevice, options.DType, options.LoadVae, options.LoadTextEncoders);
+        var model = new StableDiffusionModel(config, StableDiffusionModel.MetaDevice, options.DType, options.LoadVae, options.LoadTextEncoders, options.VaeDType);
         try
         {
             var consumed = new HashSet<string>();

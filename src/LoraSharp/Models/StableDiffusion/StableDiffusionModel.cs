@@ -80,6 +80,9 @@ public sealed record StableDiffusionLoadOptions
     public bool LoadTextEncoders { get; init; } = true;
     /// <summary>Throw when the file holds keys no parameter read (they are always listed in the reports).</summary>
     public bool ThrowOnUnexpected { get; init; }
+    /// <summary>The VAE's dtype when it should differ from <see cref="DType"/> (SDXL's VAE overflows in float16:
+    /// diffusers' force_upcast); null = <see cref="DType"/>.</summary>
+    public ScalarType? VaeDType { get; init; }
 }
 
 /// <summary>
@@ -101,9 +104,10 @@ public sealed class StableDiffusionModel : nn.Module
     /// <summary>One report per loaded component (empty for a model built with random weights).</summary>
     public IReadOnlyList<WeightLoadReport> LoadReports { get; internal set; } = [];
 
-    /// <summary>Builds the components of <paramref name="config"/> with freshly initialised weights.</summary>
+    /// <summary>Builds the components of <paramref name="config"/> with freshly initialised weights
+    /// (<paramref name="vaeDtype"/>: the VAE's own dtype, e.g. float32 for SDXL's fp16-NaN-prone VAE).</summary>
     public StableDiffusionModel(StableDiffusionConfig config, Device? device = null, ScalarType? dtype = null,
-        bool withVae = true, bool withTextEncoders = true) : base(nameof(StableDiffusionModel))
+        bool withVae = true, bool withTextEncoders = true, ScalarType? vaeDtype = null) : base(nameof(StableDiffusionModel))
     {
         Config = config;
         Unet = new UNet2DConditionModel(config.Unet, device, dtype);
@@ -120,7 +124,7 @@ public sealed class StableDiffusionModel : nn.Module
         }
         if (withVae && config.Vae is not null)
         {
-            Vae = new AutoencoderKL(config.Vae, device, dtype);
+            Vae = new AutoencoderKL(config.Vae, device, vaeDtype ?? dtype);
             register_module("vae", Vae);
         }
     }
@@ -138,7 +142,7 @@ public sealed class StableDiffusionModel : nn.Module
         options ??= new StableDiffusionLoadOptions();
         var config = StableDiffusionConfig.FromDiffusersFolder(folder);
         // Built on the meta device (no memory, no random initialisation); loading puts every parameter on options.Device.
-        var model = new StableDiffusionModel(config, MetaDevice, options.DType, options.LoadVae, options.LoadTextEncoders);
+        var model = new StableDiffusionModel(config, MetaDevice, options.DType, options.LoadVae, options.LoadTextEncoders, options.VaeDType);
         try
         {
             var reports = new List<WeightLoadReport>();
