@@ -308,6 +308,44 @@ public class CheckpointTests
         Assert.Equal(model.TextEncoder2 is not null, text.Contains("text_encoder_2", StringComparison.Ordinal));
     }
 
+    [Theory]
+    [InlineData("ldm_without_root")]
+    [InlineData("ldm_with_root")]
+    [InlineData("diffusers_folder")]
+    public void Standalone_vae_file_loads_in_ldm_or_diffusers_layout(string layout)
+    {
+        using var tmp = new TempDir();
+        var reference = SdReference.Model("sd", "diffusers").Vae!;
+        var folderConfig = VaeConfig.FromJsonFile(Path.Combine(SdReference.DiffusersDir("sd"), "vae", "config.json"));
+        string path;
+        VaeConfig? config = null;
+        if (layout == "diffusers_folder")
+        {
+            path = Path.Combine(SdReference.DiffusersDir("sd"), "vae");
+        }
+        else
+        {
+            path = tmp.File("model.vae.safetensors");
+            using var src = StableDiffusionCheckpoint.Open(SdReference.SingleFile("sd"));
+            var root = StableDiffusionCheckpoint.VaeRoot;
+            SafetensorsWriter.Write(path, src.Keys.Where(k => k.StartsWith(root, StringComparison.Ordinal))
+                .Select(k => new KeyValuePair<string, Tensor>(layout == "ldm_with_root" ? k : k[root.Length..], src.Load(k))));
+            config = folderConfig with { }; // group count cannot be derived from shapes
+        }
+        using var vae = StableDiffusionCheckpoint.LoadVae(path, config);
+        Assert.Equal(folderConfig.BlockOutChannels, vae.Config.BlockOutChannels);
+        using var scope = NewDisposeScope();
+        var expected = reference.named_parameters().ToDictionary(p => p.name, p => p.parameter);
+        foreach (var (name, p) in vae.named_parameters())
+            Assert.True(Same(p, expected[name]), name);
+        if (layout == "ldm_without_root")
+        {
+            using var derived = StableDiffusionCheckpoint.LoadVae(path); // derived config: shapes right, 32 groups
+            Assert.Equal(folderConfig.BlockOutChannels, derived.Config.BlockOutChannels);
+            Assert.Equal(32, derived.Config.NormNumGroups);
+        }
+    }
+
     [Fact]
     public void Vae_can_keep_its_own_dtype_and_components_convert_their_inputs()
     {
