@@ -347,6 +347,40 @@ public class CheckpointTests
     }
 
     [Fact]
+    public void Sharded_diffusers_component_loads_through_its_index()
+    {
+        using var tmp = new TempDir();
+        var dir = SdReference.DiffusersDir("sd");
+        var unetDir = Directory.CreateDirectory(Path.Combine(tmp.Path, "unet")).FullName;
+        File.Copy(Path.Combine(dir, "unet", "config.json"), Path.Combine(unetDir, "config.json"));
+        var weightMap = new Dictionary<string, string>();
+        using (var src = SafetensorsFile.Open(Path.Combine(dir, "unet", "diffusion_pytorch_model.safetensors")))
+        {
+            var keys = src.Keys.ToArray();
+            for (int part = 0; part < 2; part++)
+            {
+                var shard = $"diffusion_pytorch_model-0000{part + 1}-of-00002.safetensors";
+                var mine = keys.Where((_, i) => i % 2 == part).ToArray();
+                SafetensorsWriter.Write(Path.Combine(unetDir, shard), mine.Select(k => new KeyValuePair<string, Tensor>(k, src.Load(k))));
+                foreach (var k in mine) weightMap[k] = shard;
+            }
+        }
+        File.WriteAllText(Path.Combine(unetDir, "diffusion_pytorch_model.safetensors.index.json"),
+            System.Text.Json.JsonSerializer.Serialize(new { metadata = new { total_size = 0 }, weight_map = weightMap }));
+        using var model = StableDiffusionModel.FromDiffusers(tmp.Path);
+        Assert.Null(model.TextEncoder);
+        Assert.Null(model.Vae);
+        using var scope = NewDisposeScope();
+        var expected = SdReference.Model("sd", "diffusers").Unet.named_parameters().ToDictionary(p => p.name, p => p.parameter);
+        foreach (var (name, p) in model.Unet.named_parameters())
+            Assert.True(Same(p, expected[name]), name);
+
+        File.Delete(Path.Combine(unetDir, "diffusion_pytorch_model-00002-of-00002.safetensors"));
+        var e = Assert.Throws<LoraSharpException>(() => StableDiffusionModel.FromDiffusers(tmp.Path));
+        Assert.Contains("00002-of-00002", e.Message);
+    }
+
+    [Fact]
     public void Vae_can_keep_its_own_dtype_and_components_convert_their_inputs()
     {
         using var model = StableDiffusionModel.FromDiffusers(SdReference.DiffusersDir("sdxl"),

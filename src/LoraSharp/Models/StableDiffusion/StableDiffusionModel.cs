@@ -135,7 +135,8 @@ public sealed class StableDiffusionModel : nn.Module
 
     /// <summary>
     /// Loads a diffusers folder: each component's config.json and weights (<c>diffusion_pytorch_model.safetensors</c> or
-    /// <c>model.safetensors</c>, or their <c>.fp16</c> variants), with a name-checked copy.
+    /// <c>model.safetensors</c>, sharded with an <c>.index.json</c>, their <c>.fp16</c> variants, or <c>.bin</c>), with a
+    /// name-checked copy.
     /// </summary>
     public static StableDiffusionModel FromDiffusers(string folder, StableDiffusionLoadOptions? options = null)
     {
@@ -172,8 +173,11 @@ public sealed class StableDiffusionModel : nn.Module
     /// <summary>The weights file of a diffusers component folder.</summary>
     internal static string WeightsFile(string componentFolder)
     {
-        string[] names = ["diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors",
-            "diffusion_pytorch_model.bin", "pytorch_model.bin"];
+        string[] names = ["diffusion_pytorch_model.safetensors", "model.safetensors",
+            "diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json",
+            "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors",
+            "diffusion_pytorch_model.safetensors.index.fp16.json", "model.safetensors.index.fp16.json",
+            "diffusion_pytorch_model.bin", "pytorch_model.bin", "diffusion_pytorch_model.bin.index.json", "pytorch_model.bin.index.json"];
         foreach (var n in names)
         {
             var p = Path.Combine(componentFolder, n);
@@ -182,10 +186,12 @@ public sealed class StableDiffusionModel : nn.Module
         throw new LoraSharpException($"no weights file found (looked for {string.Join(", ", names)})", componentFolder);
     }
 
-    /// <summary>Opens a tensor file by its content (safetensors or PyTorch zip); a torch.save'd <c>{"state_dict": …}</c>
+    /// <summary>Opens a tensor file by its content (safetensors or PyTorch zip), or a sharded checkpoint's <c>*.index*.json</c>; a torch.save'd <c>{"state_dict": …}</c>
     /// is seen without its <c>state_dict.</c> prefix.</summary>
     internal static ITensorSource OpenTensors(string path)
     {
+        if (path.EndsWith(".json", StringComparison.OrdinalIgnoreCase))
+            return ShardedTensorSource.Open(path);
         var source = TensorFiles.Open(path);
         return StateDictView.Unwrap(source);
     }
