@@ -23,6 +23,19 @@ public class CheckpointTests
     }
 
     [Fact]
+    public void A_file_that_is_not_a_checkpoint_is_unknown_and_refused_by_name()
+    {
+        var path = SdReference.PathOf("sd", "lora/kohya_lora.safetensors");
+        using var source = StableDiffusionCheckpoint.Open(path);
+        Assert.Equal(StableDiffusionFamily.Unknown, StableDiffusionCheckpoint.DetectFamily(source));
+        var e = Assert.Throws<LoraSharpException>(() => StableDiffusionCheckpoint.DeriveConfig(source));
+        Assert.Equal(Path.GetFullPath(path), e.FilePath);
+        Assert.Contains("not a Stable Diffusion single-file checkpoint", e.Message);
+        Assert.Contains("Family: unknown", StableDiffusionCheckpoint.Describe(source));
+        Assert.Throws<LoraSharpException>(() => StableDiffusionModel.Load(path));
+    }
+
+    [Fact]
     public void Ckpt_copy_is_read_without_its_state_dict_level_and_detected_as_sd1()
     {
         using var source = StableDiffusionCheckpoint.Open(SdReference.Ckpt("sd"));
