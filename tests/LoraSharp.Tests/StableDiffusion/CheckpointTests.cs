@@ -35,6 +35,42 @@ public class CheckpointTests
         Assert.Throws<LoraSharpException>(() => StableDiffusionModel.Load(path));
     }
 
+    /// <summary>Removing any one tensor from a checkpoint: deriving its config still works or fails with a
+    /// LoraSharpException naming the file, never with an unrelated exception.</summary>
+    [Theory]
+    [MemberData(nameof(SetNames))]
+    public void Deriving_a_config_from_a_file_missing_any_one_tensor_fails_cleanly_or_succeeds(string set)
+    {
+        using var source = StableDiffusionCheckpoint.Open(SdReference.SingleFile(set));
+        int failures = 0;
+        foreach (var removed in source.Keys)
+        {
+            using var view = new WithoutKey(source, removed);
+            try
+            {
+                var config = StableDiffusionCheckpoint.DeriveConfig(view);
+                Assert.NotEmpty(config.Unet.BlockOutChannels);
+            }
+            catch (LoraSharpException e)
+            {
+                Assert.Equal(source.FilePath, e.FilePath);
+                failures++;
+            }
+        }
+        Assert.InRange(failures, 1, source.Keys.Count - 1);
+    }
+
+    sealed class WithoutKey(ITensorSource inner, string removed) : ITensorSource
+    {
+        public string FilePath => inner.FilePath;
+        public IReadOnlyList<string> Keys { get; } = inner.Keys.Where(k => k != removed).ToArray();
+        public IReadOnlyDictionary<string, string> Metadata => inner.Metadata;
+        public TensorInfo Info(string key) => key == removed ? throw new LoraSharpException("no such tensor", FilePath, key) : inner.Info(key);
+        public bool Contains(string key) => key != removed && inner.Contains(key);
+        public Tensor Load(string key, ScalarType? dtype = null, Device? device = null) => inner.Load(key, dtype, device);
+        public void Dispose() { }
+    }
+
     [Fact]
     public void Ckpt_copy_is_read_without_its_state_dict_level_and_detected_as_sd1()
     {
