@@ -242,6 +242,30 @@ public class CheckpointTests
         }
     }
 
+    /// <summary>single file → diffusers folder → same weights, same configs (what the reference folder says).</summary>
+    [Theory]
+    [MemberData(nameof(SetNames))]
+    public void Single_file_saved_as_a_diffusers_folder_reloads_with_the_reference_configs_and_weights(string set)
+    {
+        using var tmp = new TempDir();
+        var model = SdReference.Model(set, "single_file");
+        model.SaveDiffusers(tmp.Path);
+        using var reloaded = StableDiffusionModel.FromDiffusers(tmp.Path);
+        Assert.All(reloaded.LoadReports, r => Assert.True(r.IsComplete && r.Unexpected.Count == 0, r.ToString()));
+        var reference = StableDiffusionConfig.FromDiffusersFolder(SdReference.DiffusersDir(set));
+        Assert.Equal(reference.Family, reloaded.Family);
+        Assert.Equal(reference.Unet.ToJson(), reloaded.Config.Unet.ToJson());
+        Assert.Equal(reference.Vae!.ToJson(), reloaded.Config.Vae!.ToJson());
+        Assert.Equal(reference.TextEncoder?.ToJson(), reloaded.Config.TextEncoder?.ToJson());
+        Assert.Equal(reference.TextEncoder2?.ToJson(), reloaded.Config.TextEncoder2?.ToJson());
+        Assert.True(File.Exists(Path.Combine(tmp.Path, "model_index.json")));
+        using var scope = NewDisposeScope();
+        var expected = model.named_parameters().ToDictionary(p => p.name, p => p.parameter);
+        Assert.Equal(expected.Count, reloaded.named_parameters().Count());
+        foreach (var (name, p) in reloaded.named_parameters())
+            Assert.True(Same(p, expected[name]), name);
+    }
+
     [Fact]
     public void Missing_tensor_is_reported_with_file_and_key()
     {
