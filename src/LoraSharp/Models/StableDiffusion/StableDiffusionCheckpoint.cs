@@ -45,6 +45,8 @@ public static class StableDiffusionCheckpoint
         options ??= new StableDiffusionLoadOptions();
         source = StateDictView.Unwrap(source, ownsInner: false);
         var config = options.Config ?? DeriveConfig(source);
+        if (config.Family == StableDiffusionFamily.Unknown)
+            config = config with { Family = DetectFamily(source) }; // an override without a family: the file's layout decides
         var family = config.Family;
         // Built on the meta device (no memory, no random initialisation); loading puts every parameter on options.Device.
         var model = new StableDiffusionModel(config, StableDiffusionModel.MetaDevice, options.DType, options.LoadVae, options.LoadTextEncoders, options.VaeDType);
