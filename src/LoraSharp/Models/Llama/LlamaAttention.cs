@@ -51,6 +51,9 @@ public sealed class LlamaAttention : nn.Module<Tensor, LlamaForwardContext, Tens
         register_module("o_proj", OProj);
     }
 
+    /// <summary>Children are registered explicitly under their checkpoint names; no reflection over fields.</summary>
+    protected override void RegisterComponents() { }
+
     /// <summary><paramref name="x"/> <c>[batch, seq, hidden]</c> → <c>[batch, seq, hidden]</c> (after o_proj).</summary>
     public override Tensor forward(Tensor x, LlamaForwardContext ctx)
     {

@@ -25,6 +25,9 @@ public sealed class LlamaDecoderLayer : nn.Module<Tensor, LlamaForwardContext, T
         register_module("post_attention_layernorm", PostAttentionLayerNorm);
     }
 
+    /// <summary>Children are registered explicitly under their checkpoint names; no reflection over fields.</summary>
+    protected override void RegisterComponents() { }
+
     public override Tensor forward(Tensor x, LlamaForwardContext ctx)
     {
         using var scope = NewDisposeScope();

@@ -39,6 +39,9 @@ public sealed class LlamaForCausalLM : nn.Module<Tensor, KvCache?, Tensor>
         register_module("lm_head", LmHead);
     }
 
+    /// <summary>Children are registered explicitly under their checkpoint names; no reflection over fields.</summary>
+    protected override void RegisterComponents() { }
+
     /// <summary>Logits <c>[batch, seq, vocab]</c> for token ids <c>[batch, seq]</c>; with a cache, the ids are the new positions.</summary>
     public override Tensor forward(Tensor inputIds, KvCache? cache) => Logits(inputIds, cache, lastOnly: false);
 

@@ -32,6 +32,9 @@ public sealed class LlamaModel : nn.Module<Tensor, KvCache?, Tensor>
         register_module("norm", Norm);
     }
 
+    /// <summary>Children are registered explicitly under their checkpoint names; no reflection over fields.</summary>
+    protected override void RegisterComponents() { }
+
     public override Tensor forward(Tensor inputIds, KvCache? cache)
     {
         using var scope = NewDisposeScope();

@@ -21,6 +21,9 @@ public sealed class RmsNorm : nn.Module<Tensor, Tensor>
         register_parameter("weight", weight);
     }
 
+    /// <summary>Children are registered explicitly under their checkpoint names; no reflection over fields.</summary>
+    protected override void RegisterComponents() { }
+
     public override Tensor forward(Tensor x)
     {
         using var scope = NewDisposeScope();
