@@ -77,7 +77,7 @@ public sealed record LlamaConfig
         {
             root = JsonNode.Parse(json) as JsonObject ?? throw new LoraSharpException("expected a JSON object", source);
         }
-        catch (JsonException e)
+        catch (Exception e) when (e is JsonException or ArgumentException)
         {
             throw new LoraSharpException("invalid JSON: " + e.Message, source, inner: e);
         }
