@@ -185,32 +185,59 @@ public static class LlamaCheckpoint
     }
 
     /// <summary>
-    /// Same dtype, CPU parameter: read the stored bytes from the file straight into the parameter's memory
-    /// (no intermediate tensor, no mapped pages left in the process).
+    /// Writes the model's parameters to one safetensors file under their HF names (lm_head.weight left out when tied,
+    /// as HF does), one tensor at a time, optionally cast to <paramref name="dtype"/>.
+    /// </summary>
+    public static void SaveWeights(LlamaForCausalLM model, string path, ScalarType? dtype = null, IReadOnlyDictionary<string, string>? metadata = null)
+    {
+        var tensors = model.named_parameters()
+            .Where(p => !(model.Config.TieWordEmbeddings && p.name == "lm_head.weight"))
+            .Select(p => new PendingTensor(p.name, dtype ?? p.parameter.dtype, p.parameter.shape,
+                () => p.parameter.detach().to_type(dtype ?? p.parameter.dtype)))
+            .ToList();
+        SafetensorsWriter.Write(path, tensors, metadata ?? new Dictionary<string, string> { ["format"] = "pt" });
+    }
+
+    /// <summary>
+    /// CPU parameter and a dtype TorchSharp has: read the stored bytes with positioned file reads straight into the
+    /// parameter's memory (same dtype), or through one reused 64 MB buffer converted chunk by chunk (other dtype).
+    /// No whole-tensor temporary and no mapped file pages stay in the process.
     /// </summary>
     static bool TryReadInPlace(SafetensorsFile source, SafeFileHandle handle, string key, Tensor parameter)
     {
         var info = source.Info(key);
-        if (parameter.device_type != DeviceType.CPU || !parameter.is_contiguous() || !BitConverter.IsLittleEndian
-            || SafetensorsDType.NativeType(info.DType) != parameter.dtype)
+        var stored = SafetensorsDType.NativeType(info.DType);
+        if (stored is null || parameter.device_type != DeviceType.CPU || !parameter.is_contiguous() || !BitConverter.IsLittleEndian)
             return false;
         long elementSize = SafetensorsDType.ElementSize(info.DType), count = parameter.numel();
-        if (count * elementSize != info.ByteLength) return false;
+        if (count * elementSize != info.ByteLength || count == 0) return false;
         long offset = source.DataOffset(key);
-        long chunk = (1L << 28) / elementSize;
+        long chunk = (1L << 26) / elementSize;
         using var flat = parameter.view(-1);
+        using var buffer = stored == parameter.dtype ? null : torch.empty(Math.Min(chunk, count), dtype: stored.Value);
         for (long start = 0; start < count; start += chunk)
         {
             long n = Math.Min(chunk, count - start);
             using var part = flat.narrow(0, start, n);
-            var span = part.bytes;
-            for (int done = 0; done < span.Length;)
+            if (buffer is null)
             {
-                int read = RandomAccess.Read(handle, span[done..], offset + start * elementSize + done);
-                if (read <= 0) throw new LoraSharpException("file ended inside the tensor's data", source.FilePath, key);
-                done += read;
+                ReadExactly(handle, part.bytes, offset + start * elementSize, source.FilePath, key);
+                continue;
             }
+            using var slice = buffer.narrow(0, 0, n);
+            ReadExactly(handle, slice.bytes, offset + start * elementSize, source.FilePath, key);
+            part.copy_(slice);
         }
         return true;
+    }
+
+    static void ReadExactly(SafeFileHandle handle, Span<byte> span, long fileOffset, string file, string key)
+    {
+        for (int done = 0; done < span.Length;)
+        {
+            int read = RandomAccess.Read(handle, span[done..], fileOffset + done);
+            if (read <= 0) throw new LoraSharpException("file ended inside the tensor's data", file, key);
+            done += read;
+        }
     }
 }
