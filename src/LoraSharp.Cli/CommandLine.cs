@@ -8,6 +8,7 @@ public static class CommandLine
     public static RootCommand Build()
     {
         var root = new RootCommand("LoraSharp: train, load, combine, convert and generate with LoRA adapters.");
+        root.Subcommands.Add(Commands.InspectCommand.Create());
         return root;
     }
 

@@ -1,5 +1,4 @@
 using System.Buffers.Binary;
-using System.IO.MemoryMappedFiles;
 using System.Text;
 using System.Text.Json;
 using TorchSharp;
@@ -16,18 +15,15 @@ namespace LoraSharp.IO;
 /// Dtypes TorchSharp lacks (F8_E4M3, F8_E5M2, U16, U32, U64) are converted on read, see <see cref="SafetensorsDType"/>.
 /// Loads may run concurrently from several threads.
 /// </summary>
-public sealed unsafe class SafetensorsFile : ITensorSource
+public sealed class SafetensorsFile : ITensorSource
 {
     /// <summary>The largest header accepted (the Python/Rust library's limit).</summary>
     public const long MaxHeaderBytes = 100_000_000;
 
-    readonly MemoryMappedFile? _map;
-    readonly MemoryMappedViewAccessor? _view;
-    readonly byte* _base;
+    readonly FileBytes _file;
     readonly long _dataStart;
     readonly Dictionary<string, Entry> _entries;
     readonly string[] _keys;
-    int _disposed;
 
     sealed record Entry(TensorInfo Info, long Begin, long End);
 
@@ -41,47 +37,23 @@ public sealed unsafe class SafetensorsFile : ITensorSource
     /// <summary>Total file size in bytes.</summary>
     public long FileLength { get; }
 
-    SafetensorsFile(string path)
+    SafetensorsFile(string path, TensorReadMode mode)
     {
         FilePath = path;
-        FileInfo fi;
+        _file = new FileBytes(path, mode);
+        FileLength = _file.Length;
         try
         {
-            fi = new FileInfo(path);
-            if (!fi.Exists)
-                throw new LoraSharpException("file not found", path);
-        }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException or ArgumentException or NotSupportedException)
-        {
-            throw new LoraSharpException($"cannot open file: {e.Message}", path, inner: e);
-        }
-        FileLength = fi.Length;
-        if (FileLength < 8)
-            throw new LoraSharpException($"file is {FileLength} bytes, too short for a safetensors header (8-byte length prefix)", path);
-        try
-        {
-            _map = MemoryMappedFile.CreateFromFile(path, FileMode.Open, null, 0, MemoryMappedFileAccess.Read);
-            _view = _map.CreateViewAccessor(0, 0, MemoryMappedFileAccess.Read);
-            byte* p = null;
-            _view.SafeMemoryMappedViewHandle.AcquirePointer(ref p);
-            _base = p + _view.PointerOffset;
-        }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-        {
-            Dispose();
-            throw new LoraSharpException($"cannot memory-map file: {e.Message}", path, inner: e);
-        }
-        try
-        {
-            ulong headerLength = BinaryPrimitives.ReadUInt64LittleEndian(new ReadOnlySpan<byte>(_base, 8));
+            if (FileLength < 8)
+                throw new LoraSharpException($"file is {FileLength} bytes, too short for a safetensors header (8-byte length prefix)", path);
+            ulong headerLength = BinaryPrimitives.ReadUInt64LittleEndian(_file.ReadArray(0, 8));
             if (headerLength > MaxHeaderBytes)
                 throw new LoraSharpException($"header length {headerLength} is over the {MaxHeaderBytes / 1_000_000} MB limit (not a safetensors file, or corrupted)", path);
             if ((long)headerLength > FileLength - 8)
                 throw new LoraSharpException($"header length {headerLength} goes beyond the end of the file ({FileLength} bytes): truncated or not a safetensors file", path);
             HeaderLength = (long)headerLength;
             _dataStart = 8 + HeaderLength;
-            var header = new ReadOnlySpan<byte>(_base + 8, (int)HeaderLength);
-            var (entries, order, metadata) = ParseHeader(header, path);
+            var (entries, order, metadata) = ParseHeader(_file.ReadArray(8, (int)HeaderLength), path);
             ValidateLayout(entries, FileLength - _dataStart, path);
             _entries = entries;
             _keys = order.ToArray();
@@ -89,13 +61,13 @@ public sealed unsafe class SafetensorsFile : ITensorSource
         }
         catch
         {
-            Dispose();
+            _file.Dispose();
             throw;
         }
     }
 
     /// <summary>Opens and validates a safetensors file; tensors are read only when loaded.</summary>
-    public static SafetensorsFile Open(string path) => new(Path.GetFullPath(path));
+    public static SafetensorsFile Open(string path, TensorReadMode mode = TensorReadMode.MemoryMap) => new(Path.GetFullPath(path), mode);
 
     public bool Contains(string key) => _entries.ContainsKey(key);
 
@@ -109,42 +81,22 @@ public sealed unsafe class SafetensorsFile : ITensorSource
 
     public Tensor Load(string key, ScalarType? dtype = null, Device? device = null)
     {
-        ObjectDisposedException.ThrowIf(_disposed != 0, this);
         var e = Get(key);
-        byte* start = _base + _dataStart + e.Begin;
-        long length = e.End - e.Begin;
-        var t = TensorFill.Read(e.Info.DType, e.Info.Shape, (pos, dst) =>
-        {
-            if (pos < 0 || pos + dst.Length > length)
-                throw new InvalidOperationException("read outside the tensor's data region");
-            new ReadOnlySpan<byte>(start + pos, dst.Length).CopyTo(dst);
-        }, FilePath, key);
+        long start = _dataStart + e.Begin;
+        var t = TensorFill.Read(e.Info.DType, e.Info.Shape, (pos, dst) => _file.Read(start + pos, dst), FilePath, key);
         return TensorFill.Convert(t, dtype, device);
     }
 
-    /// <summary>The raw stored bytes of one tensor (a view of the mapping, valid until dispose; at most 2 GiB).</summary>
-    public ReadOnlySpan<byte> RawBytes(string key)
+    /// <summary>Copies the raw stored bytes of one tensor into <paramref name="destination"/> (its length must be the tensor's byte length).</summary>
+    public void ReadRaw(string key, Span<byte> destination)
     {
-        ObjectDisposedException.ThrowIf(_disposed != 0, this);
         var e = Get(key);
-        long length = e.End - e.Begin;
-        if (length > int.MaxValue)
-            throw new LoraSharpException($"tensor is {length} bytes, too large for a single span", FilePath, key);
-        return new ReadOnlySpan<byte>(_base + _dataStart + e.Begin, (int)length);
+        if (destination.Length != e.End - e.Begin)
+            throw new ArgumentException($"destination has {destination.Length} bytes, the tensor {e.End - e.Begin}");
+        _file.Read(_dataStart + e.Begin, destination);
     }
 
-    public void Dispose()
-    {
-        if (Interlocked.Exchange(ref _disposed, 1) != 0)
-            return;
-        if (_view is not null)
-        {
-            if (_base != null)
-                _view.SafeMemoryMappedViewHandle.ReleasePointer();
-            _view.Dispose();
-        }
-        _map?.Dispose();
-    }
+    public void Dispose() => _file.Dispose();
 
     // ---- header parsing -------------------------------------------------------------------------------------
 
