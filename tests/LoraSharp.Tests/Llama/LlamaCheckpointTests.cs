@@ -79,6 +79,23 @@ public class LlamaCheckpointTests
     }
 
     [Fact]
+    public void Pytorch_model_bin_loads_through_the_pickle_reader()
+    {
+        using var dir = new TempDir();
+        using var original = WriteFolder(dir.Path);
+        var single = Path.Combine(dir.Path, "model.safetensors");
+        using (var scope = NewDisposeScope())
+            TorchCheckpointWriter.Write(Path.Combine(dir.Path, "pytorch_model.bin"),
+                original.named_parameters().Select(p => new KeyValuePair<string, Tensor>(p.name, p.parameter.detach())));
+        File.Delete(single);
+        Assert.EndsWith("pytorch_model.bin", Assert.Single(LlamaCheckpoint.WeightFiles(dir.Path)));
+        using var loaded = LlamaCheckpoint.Load(dir.Path, ScalarType.BFloat16);
+        using var again = LlamaCheckpoint.Load(dir.Path);
+        Assert.Equal(0f, MaxLogitDiff(original, again));
+        Assert.Equal(ScalarType.BFloat16, loaded.Model.Norm.weight.dtype);
+    }
+
+    [Fact]
     public void Mismatched_checkpoint_is_an_error_listing_missing_unexpected_and_misshaped_keys()
     {
         using var dir = new TempDir();

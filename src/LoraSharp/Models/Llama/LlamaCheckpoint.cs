@@ -119,10 +119,8 @@ public static class LlamaCheckpoint
         }
     }
 
-    /// <summary>Opens a weight file: safetensors, or a torch.save zip checkpoint by its magic bytes.</summary>
-    static ITensorSource Open(string path) => path.EndsWith(".safetensors", StringComparison.OrdinalIgnoreCase)
-        ? SafetensorsFile.Open(path)
-        : throw new LoraSharpException("pytorch_model.bin checkpoints need the pickle reader (not merged yet); convert to safetensors", path);
+    /// <summary>Opens a weight file (safetensors or torch.save zip, by its magic bytes) with positional reads, so no mapped pages stay in the process.</summary>
+    static ITensorSource Open(string path) => TensorFiles.Open(path, TensorReadMode.PositionalRead);
 
     /// <summary>
     /// Copies the tensors of <paramref name="files"/> into the model's parameters by name, converting dtype and
