@@ -35,7 +35,15 @@ public static class TorchCheckpointWriter
     /// </summary>
     public static void Write(string path, IEnumerable<KeyValuePair<string, Tensor>> tensors, string? wrapKey = null)
     {
+        ArgumentNullException.ThrowIfNull(tensors);
+        Write(path, tensors.Select(kv => new PendingTensor(kv.Key, kv.Value.dtype, kv.Value.shape, () => kv.Value.alias())), wrapKey);
+    }
+
+    /// <summary>Writes lazily produced tensors (each produced, written and disposed before the next), in the given order.</summary>
+    public static void Write(string path, IEnumerable<PendingTensor> tensors, string? wrapKey = null)
+    {
         var list = tensors.ToList();
+        var seen = new HashSet<string>(StringComparer.Ordinal);
         var pickle = new PickleBuilder();
         pickle.Proto(2);
         if (wrapKey is not null)
@@ -47,17 +55,29 @@ public static class TorchCheckpointWriter
         pickle.Mark();
         for (int i = 0; i < list.Count; i++)
         {
-            var t = list[i].Value;
-            if (!StorageNames.TryGetValue(t.dtype, out var storage))
-                throw new LoraSharpException($"dtype {t.dtype} cannot be written to a torch checkpoint", path, list[i].Key);
-            pickle.Str(list[i].Key);
-            pickle.RebuildTensor(storage, i.ToString(CultureInfo.InvariantCulture), t.numel(), 0, t.shape, ContiguousStrides(t.shape));
+            var p = list[i];
+            if (!seen.Add(p.Key))
+                throw new LoraSharpException("duplicate tensor key", path, p.Key);
+            if (!StorageNames.TryGetValue(p.DType, out var storage))
+                throw new LoraSharpException($"dtype {p.DType} cannot be written to a torch checkpoint", path, p.Key);
+            long numel = p.Shape.Aggregate(1L, (a, b) => a * b);
+            pickle.Str(p.Key);
+            pickle.RebuildTensor(storage, i.ToString(CultureInfo.InvariantCulture), numel, 0, p.Shape, ContiguousStrides(p.Shape));
         }
         pickle.SetItems();
         if (wrapKey is not null)
             pickle.SetItem();
         pickle.Stop();
-        WriteArchive(path, pickle.ToArray(), list.Select((kv, i) => (i.ToString(CultureInfo.InvariantCulture), (Action<Stream>)(s => WriteTensorBytes(s, kv.Value)))));
+        WriteArchive(path, pickle.ToArray(), list.Select((p, i) => (i.ToString(CultureInfo.InvariantCulture), (Action<Stream>)(s => WritePending(s, p, path)))));
+    }
+
+    static void WritePending(Stream s, PendingTensor p, string path)
+    {
+        using var scope = NewDisposeScope();
+        var t = p.Produce() ?? throw new LoraSharpException("the tensor producer returned null", path, p.Key);
+        if (t.dtype != p.DType || !t.shape.SequenceEqual(p.Shape))
+            throw new LoraSharpException($"tensor is {t.dtype} [{string.Join(", ", t.shape)}] but {p.DType} [{string.Join(", ", p.Shape)}] was declared", path, p.Key);
+        WriteTensorBytes(s, t);
     }
 
     internal static long[] ContiguousStrides(long[] shape)

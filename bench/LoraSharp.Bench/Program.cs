@@ -1,0 +1,15 @@
+// LoraSharp benchmarks: `dotnet run -c Release --project bench/LoraSharp.Bench -- <name> [options]`.
+// Each benchmark is one static class with Run(string[] args) returning an exit code.
+var benchmarks = new Dictionary<string, (string Description, Func<string[], int> Run)>(StringComparer.OrdinalIgnoreCase)
+{
+    ["io"] = ("tensor file loading vs a plain sequential read (safetensors and torch .ckpt, ~1 GB each)", LoraSharp.Bench.IoBenchmark.Run),
+};
+
+if (args.Length == 0 || !benchmarks.TryGetValue(args[0], out var bench))
+{
+    Console.Error.WriteLine("usage: LoraSharp.Bench <benchmark> [options]");
+    foreach (var (name, (description, _)) in benchmarks)
+        Console.Error.WriteLine($"  {name,-8} {description}");
+    return args.Length == 0 ? 1 : 2;
+}
+return bench.Run(args[1..]);
