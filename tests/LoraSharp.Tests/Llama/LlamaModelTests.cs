@@ -188,3 +188,36 @@ public class LlamaModelTests
         Assert.Equal(before, Live());
     }
 }
+
+public class LlamaTrainingPathTests
+{
+    [Fact]
+    public void Gradients_reach_a_trainable_parameter_added_by_a_forward_hook_and_base_weights_stay_frozen()
+    {
+        using var model = new LlamaForCausalLM(LlamaModelTests.Tiny(), ScalarType.Float32, CPU, WeightInit.Random, 0.2, new Generator(2));
+        using var delta = zeros(32, requires_grad: true);
+        var remover = model.Model.Layers[0].SelfAttention.VProj.register_forward_hook((_, _, output) => output + delta.narrow(0, 0, output.shape[^1]));
+        using (var scope = NewDisposeScope())
+        {
+            var ids = randint(0, 97, [2, 6], dtype: ScalarType.Int64, generator: new Generator(1));
+            var logits = model.call(ids, null);
+            var loss = nn.functional.cross_entropy(logits.narrow(1, 0, 5).reshape(-1, 97), ids.narrow(1, 1, 5).reshape(-1));
+            loss.backward();
+        }
+        remover.remove();
+        Assert.NotNull(delta.grad);
+        Assert.True(delta.grad!.abs().sum().item<float>() > 0);
+        Assert.All(model.parameters(), p => Assert.False(p.requires_grad));
+    }
+
+    [Fact]
+    public void Float16_model_runs_on_cpu()
+    {
+        using var model = new LlamaForCausalLM(LlamaModelTests.Tiny(), ScalarType.Float16, CPU, WeightInit.Random, 0.2, new Generator(2));
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        var logits = model.call(tensor(new long[] { 1, 2, 3 }).unsqueeze(0), null);
+        Assert.Equal(ScalarType.Float16, logits.dtype);
+        Assert.True(logits.isfinite().all().item<bool>());
+    }
+}
