@@ -434,6 +434,8 @@ internal sealed class PickleMachine
                 if (args[1] is not PyGlobal { FullName: "torch.Tensor" or "torch.nn.parameter.Parameter" })
                     throw Error($"_rebuild_from_type_v2 with type {Describe(args[1])} is not supported");
                 if (args[2] is not PyTuple inner) throw Error("_rebuild_from_type_v2 arguments are not a tuple");
+                if (args[0] is not PyGlobal { FullName: "torch._utils._rebuild_tensor_v2" or "torch._utils._rebuild_tensor" or "torch._utils._rebuild_parameter" })
+                    throw Error($"_rebuild_from_type_v2 of {Describe(args[0])} is not supported");
                 return Call(args[0], inner.Items);
             default:
                 throw Error($"{g.FullName} cannot be called with {args.Length} arguments here");

@@ -82,8 +82,8 @@ public static class SafetensorsWriter
                 BinaryPrimitives.WriteUInt64LittleEndian(prefix, (ulong)header.Length);
                 fs.Write(prefix);
                 fs.Write(header);
-                foreach (var (p, name) in ordered)
-                    WriteTensorData(fs, p, name, path);
+                foreach (var (p, _) in ordered)
+                    WriteTensorData(fs, p, path);
                 fs.Flush(flushToDisk: true);
             }
             File.Move(temp, full, overwrite: true);
@@ -142,7 +142,7 @@ public static class SafetensorsWriter
         return ms.ToArray();
     }
 
-    static void WriteTensorData(FileStream fs, PendingTensor p, string dtypeName, string path)
+    static void WriteTensorData(FileStream fs, PendingTensor p, string path)
     {
         using var scope = NewDisposeScope();
         var t = p.Produce() ?? throw new LoraSharpException("the tensor producer returned null", path, p.Key);
@@ -154,16 +154,6 @@ public static class SafetensorsWriter
         if (t.device_type != DeviceType.CPU)
             t = t.to(DeviceType.CPU);
         t = t.contiguous();
-        long count = t.numel();
-        if (count == 0)
-            return;
-        var flat = t.view(-1);
-        long elementSize = SafetensorsDType.ElementSize(dtypeName);
-        long chunk = (1L << 30) / elementSize;
-        for (long start = 0; start < count; start += chunk)
-        {
-            using var part = flat.narrow(0, start, Math.Min(chunk, count - start));
-            fs.Write(part.bytes);
-        }
+        TensorFill.WriteTo(fs, t);
     }
 }

@@ -13,7 +13,8 @@ internal delegate void ByteReader(long position, Span<byte> destination);
 /// </summary>
 internal static class TensorFill
 {
-    const long ChunkBytes = 1L << 30;
+    /// <summary>Largest piece copied through one span (spans stop at 2 GiB). Settable so tests can exercise the chunking with small tensors.</summary>
+    internal static long ChunkBytes = 1L << 30;
     const int ConvertChunkElements = 1 << 18;
 
     static TensorFill()
@@ -35,7 +36,7 @@ internal static class TensorFill
         if (native is not null)
         {
             long elementSize = SafetensorsDType.ElementSize(dtypeName);
-            long chunkElements = ChunkBytes / elementSize;
+            long chunkElements = Math.Max(1, ChunkBytes / elementSize);
             for (long start = 0; start < count; start += chunkElements)
             {
                 long n = Math.Min(chunkElements, count - start);
@@ -68,6 +69,20 @@ internal static class TensorFill
             }
         }
         return result.MoveToOuterDisposeScope();
+    }
+
+    /// <summary>Writes a CPU, contiguous tensor's bytes to a stream in pieces of at most <see cref="ChunkBytes"/>.</summary>
+    public static void WriteTo(Stream stream, Tensor contiguousCpu)
+    {
+        long count = contiguousCpu.numel();
+        if (count == 0) return;
+        using var flat = contiguousCpu.view(-1);
+        long chunk = Math.Max(1, ChunkBytes / contiguousCpu.element_size());
+        for (long start = 0; start < count; start += chunk)
+        {
+            using var part = flat.narrow(0, start, Math.Min(chunk, count - start));
+            stream.Write(part.bytes);
+        }
     }
 
     /// <summary>Applies a requested dtype and device to a freshly read tensor (disposing the intermediate).</summary>

@@ -96,15 +96,7 @@ public static class TorchCheckpointWriter
     {
         using var scope = NewDisposeScope();
         var t = tensor.device_type == DeviceType.CPU ? tensor.contiguous() : tensor.to(DeviceType.CPU).contiguous();
-        long count = t.numel();
-        if (count == 0) return;
-        var flat = t.view(-1);
-        long chunk = (1L << 30) / t.element_size();
-        for (long start = 0; start < count; start += chunk)
-        {
-            using var part = flat.narrow(0, start, Math.Min(chunk, count - start));
-            s.Write(part.bytes);
-        }
+        TensorFill.WriteTo(s, t);
     }
 
     /// <summary>Writes the zip container around a finished pickle and its storages (entry "archive/data/&lt;key&gt;"), atomically.</summary>

@@ -183,4 +183,31 @@ public class PickleCheckpointTests
         e = Assert.Throws<LoraSharpException>(() => TensorFiles.Open(dir.File("trunc.ckpt")));
         Assert.Contains("end-of-central-directory", e.Message);
     }
+
+    [Fact]
+    public void Rebuild_from_type_v2_parameters_load_and_deep_nesting_is_refused_without_crashing()
+    {
+        using var dir = new TempDir();
+        using var scope = NewDisposeScope();
+        // {"p": torch._tensor._rebuild_from_type_v2(torch._utils._rebuild_tensor_v2, torch.nn.parameter.Parameter,
+        //        (storage, 0, (2,), (1,), False, OrderedDict()), {})}
+        var p = new PickleBuilder().Proto(2).EmptyDict().Str("p")
+            .Global("torch._tensor", "_rebuild_from_type_v2").Mark()
+            .Global("torch._utils", "_rebuild_tensor_v2").Global("torch.nn.parameter", "Parameter")
+            .Mark().Mark().Str("storage").Global("torch", "FloatStorage").Str("0").Str("cpu").Int(2).Tuple().BinPersId()
+            .Int(0).IntTuple([2]).IntTuple([1]).False().Global("collections", "OrderedDict").EmptyTuple().Reduce().Tuple()
+            .EmptyDict().Tuple().Reduce()
+            .SetItem().Stop().ToArray();
+        Zip(dir.File("param.pt"), p, ("0", Floats(2)));
+        using (var f = TensorFiles.Open(dir.File("param.pt")))
+            TensorAssert.BitwiseEqual(tensor(new float[] { 0, 1 }), f.Load("p"));
+
+        // 10,000 nested lists: [[[[...]]]] built iteratively by the pickle, refused by the flattener's depth limit.
+        var deep = new PickleBuilder().Proto(2);
+        for (int i = 0; i < 10_000; i++) deep.Op((byte)']');
+        for (int i = 0; i < 9_999; i++) deep.Op((byte)'a');
+        Zip(dir.File("deep.pt"), deep.Stop().ToArray());
+        var e = Assert.Throws<LoraSharpException>(() => TensorFiles.Open(dir.File("deep.pt")));
+        Assert.Contains("nested deeper than", e.Message);
+    }
 }
