@@ -19,14 +19,19 @@ public sealed record LlamaLoadReport(
 {
     public bool IsComplete => Missing.Count == 0 && Unexpected.Count == 0 && Mismatched.Count == 0;
 
-    public override string ToString()
+    public override string ToString() => string.Join("; ", [$"{Loaded.Count} loaded", .. ProblemList()]);
+
+    /// <summary>The missing, unexpected and mis-shaped keys (at most 20 named per kind), for error messages.</summary>
+    public string Problems() => string.Join("; ", ProblemList());
+
+    List<string> ProblemList()
     {
         static string List(IEnumerable<string> items) { var a = items.ToList(); return string.Join(", ", a.Take(20)) + (a.Count > 20 ? $", ... ({a.Count} in all)" : ""); }
-        var parts = new List<string> { $"{Loaded.Count} loaded" };
+        var parts = new List<string>();
         if (Missing.Count > 0) parts.Add($"{Missing.Count} missing: {List(Missing)}");
         if (Unexpected.Count > 0) parts.Add($"{Unexpected.Count} unexpected: {List(Unexpected)}");
         if (Mismatched.Count > 0) parts.Add($"{Mismatched.Count} with wrong shape: {List(Mismatched.Select(m => m.ToString()))}");
-        return string.Join("; ", parts);
+        return parts;
     }
 }
 
@@ -157,7 +162,7 @@ public static class LlamaCheckpoint
         var missing = parameters.Keys.Where(k => !seen.Contains(k) && !(tied && k == "lm_head.weight")).ToList();
         var report = new LlamaLoadReport(loaded, missing, unexpected, mismatched);
         if (strict && !report.IsComplete)
-            throw new LoraSharpException("checkpoint does not match the model: " + report,
+            throw new LoraSharpException("checkpoint does not match the model: " + report.Problems(),
                 fileList.Count == 1 ? fileList[0] : Path.GetDirectoryName(fileList.FirstOrDefault() ?? ""));
 
         using var noGrad = torch.no_grad();
