@@ -47,14 +47,15 @@ public sealed class LlamaForCausalLM : nn.Module<Tensor, KvCache?, Tensor>
 
     /// <summary>
     /// Logits for <paramref name="inputIds"/>; <paramref name="lastOnly"/> applies lm_head to the last position only
-    /// (<c>[batch, 1, vocab]</c>), what generation needs.
+    /// (<c>[batch, 1, vocab]</c>), what generation needs. <paramref name="attentionMask"/>: HF attention_mask
+    /// <c>[batch, past+seq]</c> (1 real, 0 padding) for padded batches; see <see cref="LlamaModel.forward"/>.
     /// </summary>
-    public Tensor Logits(Tensor inputIds, KvCache? cache = null, bool lastOnly = false)
+    public Tensor Logits(Tensor inputIds, KvCache? cache = null, bool lastOnly = false, Tensor? attentionMask = null)
     {
         if (inputIds.dim() != 2)
             throw new ArgumentException($"input ids must be [batch, seq], got [{string.Join(", ", inputIds.shape)}]", nameof(inputIds));
         using var scope = NewDisposeScope();
-        var hidden = Model.call(inputIds.to(Device), cache);
+        var hidden = Model.call(inputIds.to(Device), cache, attentionMask);
         if (lastOnly)
         {
             // Copied into fresh [batch, 1, hidden] storage: the narrowed view keeps the batch stride of the whole

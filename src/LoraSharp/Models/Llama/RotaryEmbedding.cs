@@ -66,6 +66,21 @@ public sealed class RotaryEmbedding(LlamaConfig config)
         return (cos, sin);
     }
 
+    /// <summary>
+    /// cos and sin, each <c>[batch, 1, seq, head_dim]</c> (broadcasting over heads), for per-row positions
+    /// <paramref name="positions"/> <c>[batch, seq]</c> (int64); <paramref name="sequenceLength"/> drives dynamic scaling.
+    /// </summary>
+    public (Tensor Cos, Tensor Sin) CosSin(Tensor positions, long sequenceLength, ScalarType dtype)
+    {
+        using var scope = NewDisposeScope();
+        var inv = torch.tensor(InverseFrequencies(sequenceLength), device: positions.device);
+        var freqs = positions.to_type(ScalarType.Float32).unsqueeze(-1) * inv;
+        var emb = torch.cat([freqs, freqs], dim: -1).unsqueeze(1);
+        var cos = emb.cos().to_type(dtype).MoveToOuterDisposeScope();
+        var sin = emb.sin().to_type(dtype).MoveToOuterDisposeScope();
+        return (cos, sin);
+    }
+
     /// <summary><c>cat(-x[..., d/2:], x[..., :d/2])</c>.</summary>
     public static Tensor RotateHalf(Tensor x)
     {
@@ -76,7 +91,7 @@ public sealed class RotaryEmbedding(LlamaConfig config)
         return torch.cat([x2.neg(), x1], dim: -1).MoveToOuterDisposeScope();
     }
 
-    /// <summary>Rotates <paramref name="x"/> <c>[batch, heads, seq, d]</c> by cos/sin <c>[seq, d]</c>.</summary>
+    /// <summary>Rotates <paramref name="x"/> <c>[batch, heads, seq, d]</c> by cos/sin <c>[seq, d]</c> or <c>[batch, 1, seq, d]</c>.</summary>
     public static Tensor Apply(Tensor x, Tensor cos, Tensor sin)
     {
         using var scope = NewDisposeScope();
