@@ -201,6 +201,9 @@ public static class LlamaCheckpoint
         SafetensorsWriter.Write(path, tensors, metadata ?? new Dictionary<string, string> { ["format"] = "pt" });
     }
 
+    /// <summary>Bytes read per positional read (and the conversion buffer size); tests lower it to cross chunk boundaries.</summary>
+    internal static long ReadChunkBytes { get; set; } = 1L << 26;
+
     /// <summary>
     /// CPU parameter and a dtype TorchSharp has: read the stored bytes with positioned file reads straight into the
     /// parameter's memory (same dtype), or through one reused 64 MB buffer converted chunk by chunk (other dtype).
@@ -215,7 +218,7 @@ public static class LlamaCheckpoint
         long elementSize = SafetensorsDType.ElementSize(info.DType), count = parameter.numel();
         if (count * elementSize != info.ByteLength || count == 0) return false;
         long offset = source.DataOffset(key);
-        long chunk = (1L << 26) / elementSize;
+        long chunk = Math.Max(1, ReadChunkBytes / elementSize);
         using var flat = parameter.view(-1);
         using var buffer = stored == parameter.dtype ? null : torch.empty(Math.Min(chunk, count), dtype: stored.Value);
         for (long start = 0; start < count; start += chunk)
