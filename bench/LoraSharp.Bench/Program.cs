@@ -3,6 +3,7 @@
 var benchmarks = new Dictionary<string, (string Description, Func<string[], int> Run)>(StringComparer.OrdinalIgnoreCase)
 {
     ["io"] = ("tensor file loading vs a plain sequential read (safetensors and torch .ckpt, ~1 GB each)", LoraSharp.Bench.IoBenchmark.Run),
+    ["llama"] = ("LLaMA prefill and decode tokens/s, ~110M-parameter random model, float32 and bfloat16", LoraSharp.Bench.LlamaBenchmark.Run),
 };
 
 if (args.Length == 0 || !benchmarks.TryGetValue(args[0], out var bench))
