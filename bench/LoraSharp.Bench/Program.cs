@@ -3,6 +3,7 @@
 var benchmarks = new Dictionary<string, (string Description, Func<string[], int> Run)>(StringComparer.OrdinalIgnoreCase)
 {
     ["io"] = ("tensor file loading vs a plain sequential read (safetensors and torch .ckpt, ~1 GB each)", LoraSharp.Bench.IoBenchmark.Run),
+    ["llama"] = ("LLaMA prefill and decode tokens/s, ~110M-parameter random model, float32 and bfloat16", LoraSharp.Bench.LlamaBenchmark.Run),
     ["unet"] = ("SD1.5 UNet forward at 64x64 latents, random weights, f32 and bf16", LoraSharp.Bench.UNetBenchmark.Run),
 };
 
