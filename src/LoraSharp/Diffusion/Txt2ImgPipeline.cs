@@ -184,6 +184,9 @@ public sealed class Txt2ImgPipeline : IDisposable
     public PromptEmbedding EncodePrompt(string prompt, int clipSkip = 1, bool isNegative = false, EmphasisMode emphasis = EmphasisMode.Original)
     {
         var parsed = PromptParser.Parse(prompt, parseEmphasis: emphasis != EmphasisMode.None);
+        // Without weights other than 1 emphasis is the identity (z·1, mean ratio 1), except that "Original" would divide
+        // 0 by 0 for a chunk whose mean is exactly 0 (possible with a final LayerNorm of zero bias): skip it then.
+        if (parsed.Fragments.All(f => f.IsBreak || f.Weight == 1.0)) emphasis = EmphasisMode.None;
         var (device, dtype) = ModelPlacement();
         using var scope = NewDisposeScope();
         using var noGrad = no_grad();
