@@ -62,7 +62,7 @@ public sealed class Txt2ImgPipeline : IDisposable
     /// <summary>A1111's "Model hash" (first 10 hex of the checkpoint file's SHA-256), or null.</summary>
     public string? ModelHash { get; init; }
     /// <summary>Presets for <c>lbw=NAME</c> (default: the extension's built-in ones).</summary>
-    public IReadOnlyDictionary<string, string> BlockWeightPresets { get; init; } = LoraBlockWeight.DefaultPresets;
+    public IReadOnlyDictionary<string, string> BlockWeightPresets { get; set; } = LoraBlockWeight.DefaultPresets;
 
     public Txt2ImgPipeline(StableDiffusionModel model, ClipTokenizer tokenizer, ClipTokenizer? tokenizer2 = null, LoraLibrary? loras = null,
         ScheduleConfig? schedule = null) : this(model, tokenizer, tokenizer2, loras, schedule, ownsModel: false)
