@@ -152,6 +152,35 @@ public class Txt2ImgPipelineTests(Xunit.Abstractions.ITestOutputHelper output)
         Assert.Throws<LoraSharpException>(() => pipe.Generate(Txt2ImgFixture.Reference() with { Prompt = "cat <lora:style:abc>" }));
     }
 
+    [Fact]
+    public void Schedule_takes_betas_and_prediction_from_the_model_but_not_the_saved_spacing()
+    {
+        using var tmp = new TempDir();
+        Directory.CreateDirectory(tmp.File("scheduler"));
+        File.WriteAllText(tmp.File("scheduler/scheduler_config.json"),
+            """{"_class_name": "PNDMScheduler", "beta_start": 0.001, "beta_end": 0.02, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "steps_offset": 1, "prediction_type": "v_prediction", "timestep_spacing": "leading"}""");
+        var s = Txt2ImgPipeline.ScheduleOf(tmp.Path, null);
+        Assert.Equal(PredictionType.VPrediction, s.Prediction);
+        Assert.Equal(0.001, s.BetaStart);
+        Assert.Null(s.Spacing);
+        File.WriteAllText(tmp.File("m.safetensors"), "");
+        Assert.Equal(PredictionType.Epsilon, Txt2ImgPipeline.ScheduleOf(null, tmp.File("m.safetensors")).Prediction);
+        File.WriteAllText(tmp.File("m.yaml"), "model:\n  params:\n    parameterization: \"v\"\n");
+        Assert.Equal(PredictionType.VPrediction, Txt2ImgPipeline.ScheduleOf(null, tmp.File("m.safetensors")).Prediction);
+    }
+
+    [Fact]
+    public void V_prediction_changes_the_sampling_of_the_same_model()
+    {
+        using var pipe = Txt2ImgFixture.Pipeline(SharedModel.Value);
+        var request = Txt2ImgFixture.Reference("ddim", steps: 4);
+        using var eps = pipe.Generate(request);
+        using var v = pipe.Generate(request with { Prediction = PredictionType.VPrediction });
+        using var scope = NewDisposeScope();
+        Assert.True(v.Latents.isfinite().all().item<bool>());
+        Assert.True(Txt2ImgFixture.MaxDiff(eps.Latents, v.Latents) > 1e-3);
+    }
+
     sealed class SyncProgress<T>(Action<T> action) : IProgress<T>
     {
         public void Report(T value) => action(value);
