@@ -247,9 +247,9 @@ public sealed class Txt2ImgPipeline : IDisposable
                 + string.Join(", ", negativeParsed.Loras.Select(l => l.Name)), key: "negative_prompt");
         long seed = request.Seed >= 0 ? request.Seed : Random.Shared.NextInt64(0, uint.MaxValue);
         var seeds = Enumerable.Range(0, request.BatchSize).Select(i => seed + i).ToArray();
-        var applied = ApplyLoras(parsed.Loras, request, seed);
         try
         {
+            var applied = ApplyLoras(parsed.Loras, request, seed);
             return Run(request, seeds, applied, progress, cancellationToken);
         }
         finally

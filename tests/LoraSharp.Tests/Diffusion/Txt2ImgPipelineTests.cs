@@ -260,6 +260,20 @@ public class Txt2ImgLoraTests(Xunit.Abstractions.ITestOutputHelper output)
         Assert.Equal(0.0, Txt2ImgFixture.MaxDiff(Image(plainPipe, "a photo of a cat"), baseImage));
     }
 
+    [Fact]
+    public void A_broken_lora_file_fails_the_run_and_leaves_the_model_as_it_was()
+    {
+        using var loras = Txt2ImgFixture.LoraFolder();
+        File.WriteAllBytes(Path.Combine(loras.Path, "broken.safetensors"), [1, 2, 3]);
+        using var model = Txt2ImgFixture.FreshModel();
+        using var pipe = Txt2ImgFixture.Pipeline(model, loras.Path);
+        using var scope = NewDisposeScope();
+        var baseImage = Image(pipe, "a photo of a cat");
+        var e = Assert.Throws<LoraSharpException>(() => pipe.Generate(Request("a photo of a cat <lora:style:1> <lora:broken:1>", merged: true)));
+        Assert.Contains("broken.safetensors", e.Message + e.FilePath);
+        Assert.Equal(0.0, Txt2ImgFixture.MaxDiff(baseImage, Image(pipe, "a photo of a cat")));
+    }
+
     [Theory]
     [InlineData("<lora:../style:1>")]
     [InlineData("<lora:..\\style:1>")]
