@@ -244,6 +244,64 @@ public class CheckpointTests
         Assert.True(relative < 0.05, $"relative error {relative} in {dtype}");
     }
 
+    /// <summary>The kohya SDXL reference records, for every LoRA module, the SGM tensor it addresses (built by the
+    /// generator from kohya's own naming): the single-file key map must agree for all of them.</summary>
+    [Fact]
+    public void Single_file_key_map_agrees_with_the_kohya_sdxl_name_map()
+    {
+        var model = SdReference.Model("sdxl", "diffusers");
+        var map = StableDiffusionCheckpoint.SingleFileKeyMap(model);
+        var unetMap = LdmKeyMap.ForUNet(model.Config.Unet);
+        var nameMap = ReferenceData.ReadJson("sdxl", "lora", "kohya_lora_ref.json")["name_map"]!.AsObject();
+        Assert.NotEmpty(nameMap);
+        foreach (var (loraName, entry) in nameMap)
+        {
+            var component = entry!["component"]!.GetValue<string>() switch { "te1" => "text_encoder", "te2" => "text_encoder_2", var c => c };
+            var module = entry["module"]!.GetValue<string>();
+            var sgmKey = entry["sgm_key"]!.GetValue<string>();
+            var slice = entry["sgm_qkv_slice"];
+            var m = map[$"{component}.{module}.weight"];
+            Assert.Equal(sgmKey, m.Source);
+            if (slice is null) Assert.NotEqual(TensorTransform.FusedQkvChunk, m.Transform);
+            else Assert.Equal((TensorTransform.FusedQkvChunk, slice.GetValue<int>()), (m.Transform, m.Chunk));
+            if (component == "unet")
+            {
+                var sgmModule = sgmKey[StableDiffusionCheckpoint.UNetRoot.Length..^".weight".Length];
+                Assert.Equal(module, unetMap.ToDiffusers(sgmModule));
+                Assert.Equal("lora_unet_" + sgmModule.Replace('.', '_'), loraName);
+            }
+        }
+    }
+
+    [Fact]
+    public void Sd1_file_with_text_encoder_keys_without_text_model_level_loads()
+    {
+        using var tmp = new TempDir();
+        var path = tmp.File("old_te.safetensors");
+        const string nested = StableDiffusionCheckpoint.Sd1TextRoot + "text_model.";
+        using (var src = StableDiffusionCheckpoint.Open(SdReference.SingleFile("sd")))
+            SafetensorsWriter.Write(path, src.Keys.Select(k => new KeyValuePair<string, Tensor>(
+                k.StartsWith(nested, StringComparison.Ordinal) ? StableDiffusionCheckpoint.Sd1TextRoot + k[nested.Length..] : k, src.Load(k))));
+        using var model = StableDiffusionCheckpoint.Load(path, new StableDiffusionLoadOptions { Config = SdReference.DerivedConfig("sd", path), LoadVae = false });
+        Assert.Empty(model.LoadReports.Single(r => r.Component == "file").Unexpected);
+        using var scope = NewDisposeScope();
+        var reference = SdReference.Model("sd", "diffusers").TextEncoder!.named_parameters().ToDictionary(p => p.name, p => p.parameter);
+        foreach (var (name, p) in model.TextEncoder!.named_parameters())
+            Assert.True(Same(p, reference[name]), name);
+    }
+
+    [Theory]
+    [MemberData(nameof(SetNames))]
+    public void Describe_of_the_diffusers_folder_names_family_and_components(string set)
+    {
+        var text = StableDiffusionCheckpoint.Describe(SdReference.DiffusersDir(set));
+        var model = SdReference.Model(set, "diffusers");
+        Assert.Contains("Family: " + StableDiffusionCheckpoint.FamilyName(model.Family), text);
+        Assert.Contains("diffusers folder", text);
+        Assert.Contains($"({StableDiffusionModel.ParameterCount(model):N0})", text);
+        Assert.Equal(model.TextEncoder2 is not null, text.Contains("text_encoder_2", StringComparison.Ordinal));
+    }
+
     [Theory]
     [MemberData(nameof(SetNames))]
     public void Describe_names_family_components_and_parameter_counts(string set)

@@ -102,6 +102,22 @@ public static class StableDiffusionCheckpoint
     }
 
     /// <summary>
+    /// Every parameter of the composite model (<c>unet.…</c>, <c>vae.…</c>, <c>text_encoder.…</c>, <c>text_encoder_2.…</c>)
+    /// → its key in the family's single-file layout, with the transform between the two (e.g.
+    /// <c>text_encoder_2.text_model.encoder.layers.0.self_attn.k_proj.weight</c> → row block 1 of
+    /// <c>conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight</c>). For adapter formats that name
+    /// modules by their single-file paths (kohya SDXL: <c>lora_unet_input_blocks_4_1_…</c>).
+    /// </summary>
+    public static IReadOnlyDictionary<string, KeyMapping> SingleFileKeyMap(StableDiffusionModel model)
+    {
+        var map = new Dictionary<string, KeyMapping>(StringComparer.Ordinal);
+        foreach (var (name, _, mappings) in ComponentMappings(model))
+            foreach (var m in mappings)
+                map[name + "." + m.Target] = m with { Target = name + "." + m.Target };
+        return map;
+    }
+
+    /// <summary>
     /// Writes the model as one safetensors file in its family's ldm/SGM layout (the inverse of loading: q/k/v fused back
     /// into OpenCLIP <c>in_proj</c>, <c>text_projection</c> transposed, VAE attention as 1×1 convs). Tensors are written
     /// in <paramref name="dtype"/> (default: the parameters' dtype).
@@ -438,6 +454,51 @@ public static class StableDiffusionCheckpoint
                 sb.AppendLine("Config: cannot derive (" + e.Problem + ")");
             }
         }
+        return sb.ToString();
+    }
+
+    /// <summary>
+    /// <see cref="Describe(ITensorSource)"/> for a single file, or for a diffusers folder: family from the configs, and
+    /// each component's weights file with its tensor and parameter counts and dtypes.
+    /// </summary>
+    public static string Describe(string path)
+    {
+        if (!Directory.Exists(path))
+        {
+            using var source = Open(path);
+            return Describe(source);
+        }
+        var config = StableDiffusionConfig.FromDiffusersFolder(path);
+        var sb = new StringBuilder();
+        sb.AppendLine(CultureInfo.InvariantCulture, $"Folder: {Path.GetFullPath(path)}");
+        sb.AppendLine(CultureInfo.InvariantCulture, $"Family: {FamilyName(config.Family)}");
+        sb.AppendLine("Layout: diffusers folder");
+        sb.AppendLine("Components:");
+        long total = 0;
+        foreach (var component in new[] { "unet", "vae", "text_encoder", "text_encoder_2" })
+        {
+            var folder = Path.Combine(path, component);
+            if (!Directory.Exists(folder)) continue;
+            var file = StableDiffusionModel.WeightsFile(folder);
+            using var source = Open(file);
+            long parameters = 0;
+            var dtypes = new SortedDictionary<string, int>(StringComparer.Ordinal);
+            foreach (var k in source.Keys)
+            {
+                var info = source.Info(k);
+                if (!StableDiffusionModel.IsIgnorable(k)) parameters += info.ElementCount;
+                dtypes[info.DType] = dtypes.GetValueOrDefault(info.DType) + 1;
+            }
+            total += parameters;
+            sb.AppendLine(CultureInfo.InvariantCulture,
+                $"  {component,-16} {Path.GetFileName(file),-40} {source.Keys.Count,6} tensors {FormatCount(parameters),8} params  {string.Join(", ", dtypes.Select(d => $"{d.Key}×{d.Value}"))}");
+        }
+        sb.AppendLine(CultureInfo.InvariantCulture, $"Parameters: {FormatCount(total)} ({total:N0})");
+        var u = config.Unet;
+        sb.AppendLine(CultureInfo.InvariantCulture,
+            $"UNet: channels [{string.Join(", ", u.BlockOutChannels)}], heads [{string.Join(", ", u.AttentionHeads)}], transformer depth [{string.Join(", ", u.TransformerLayersPerBlock)}], context {u.CrossAttentionDim}, {(u.UseLinearProjection ? "linear" : "conv")} proj_in/out");
+        if (config.Vae is { } v)
+            sb.AppendLine(CultureInfo.InvariantCulture, $"VAE: channels [{string.Join(", ", v.BlockOutChannels)}], scaling factor {v.ScalingFactor}");
         return sb.ToString();
     }
 
