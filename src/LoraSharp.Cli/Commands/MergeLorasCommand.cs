@@ -29,7 +29,7 @@ public static class MergeLorasCommand
             var list = parse.GetValue(inputs)!.Select(LoraInput.Parse).ToList();
             var options = new CombineOptions
             {
-                Method = ParseMethod(parse.GetValue(method)!),
+                Method = LoraCombiner.ParseMethod(parse.GetValue(method)!),
                 Semantics = parse.GetValue(rules)!.ToLowerInvariant() switch
                 {
                     "auto" => CombineSemantics.Auto,
@@ -54,16 +54,4 @@ public static class MergeLorasCommand
         }));
         return command;
     }
-
-    internal static CombineMethod ParseMethod(string name) => name.ToLowerInvariant().Replace('-', '_') switch
-    {
-        "linear" => CombineMethod.Linear,
-        "concat" or "cat" => CombineMethod.Concat,
-        "svd" => CombineMethod.Svd,
-        "ties" => CombineMethod.Ties,
-        "dare_linear" => CombineMethod.DareLinear,
-        "dare_ties" => CombineMethod.DareTies,
-        "magnitude_prune" => CombineMethod.MagnitudePrune,
-        _ => throw new LoraSharpException($"unknown method '{name}' (expected linear, concat, svd, ties, dare_linear, dare_ties, magnitude_prune)", null, "--method"),
-    };
 }

@@ -112,6 +112,19 @@ public static class LoraCombiner
         }
     }
 
+    /// <summary>Parses linear, concat/cat, svd, ties, dare_linear, dare_ties, magnitude_prune (PEFT's combination_type names).</summary>
+    public static CombineMethod ParseMethod(string name) => name.ToLowerInvariant().Replace('-', '_') switch
+    {
+        "linear" => CombineMethod.Linear,
+        "concat" or "cat" => CombineMethod.Concat,
+        "svd" => CombineMethod.Svd,
+        "ties" => CombineMethod.Ties,
+        "dare_linear" => CombineMethod.DareLinear,
+        "dare_ties" => CombineMethod.DareTies,
+        "magnitude_prune" => CombineMethod.MagnitudePrune,
+        _ => throw new LoraSharpException($"unknown method '{name}' (expected linear, concat, svd, ties, dare_linear, dare_ties, magnitude_prune)", null, "--method"),
+    };
+
     static string Num(double v) => v.ToString("R", CultureInfo.InvariantCulture);
 
     /// <summary>Combines in memory; the caller disposes the result.</summary>
@@ -199,8 +212,8 @@ public static class LoraCombiner
 
     static ModuleAdapterWeights KohyaModule(string path, List<(ModuleAdapterWeights W, double Ratio, int Index)> present, CombineOptions o, string file)
     {
-        using var scope = NewDisposeScope();
         if (o.Method == CombineMethod.Svd) return SvdModule(path, present.Select(p => (p.W, p.Ratio)).ToList(), o, file, kohya: true);
+        using var scope = NewDisposeScope();
 
         foreach (var p in present) RequirePlainLora(p.W, file, "kohya merge_lora");
         double Alpha(ModuleAdapterWeights w) => w.Alpha is null or 0 ? w["lora_down"].shape[0] : w.Alpha.Value;
@@ -327,11 +340,11 @@ public static class LoraCombiner
     static ModuleAdapterWeights PeftModule(string path, List<(ModuleAdapterWeights W, double Ratio, int Index)> present, List<int> adapterRanks,
         CombineOptions o, Generator generator, string file)
     {
+        if (o.Method == CombineMethod.Svd)
+            return SvdModule(path, present.Select(p => (p.W, p.Ratio)).ToList(), o, file, kohya: false, defaultRank: adapterRanks.Max());
         using var scope = NewDisposeScope();
         switch (o.Method)
         {
-            case CombineMethod.Svd:
-                return SvdModule(path, present.Select(p => (p.W, p.Ratio)).ToList(), o, file, kohya: false, defaultRank: adapterRanks.Max());
             case CombineMethod.Concat:
             {
                 foreach (var p in present) RequirePlainLora(p.W, file, "cat");

@@ -163,7 +163,7 @@ public static class LoraExtractor
         double energy;
         SvdMethod used;
         int rank;
-        double total = m.square().sum().item<double>();
+        double total = m.square().sum().to_type(ScalarType.Float64).item<double>();
         if (total == 0)
         {
             rank = o.Dynamic == DynamicRankMethod.None ? maxRank : 1;

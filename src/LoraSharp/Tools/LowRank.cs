@@ -87,7 +87,7 @@ public static class LowRank
         long k = Math.Max(1, Math.Min(rank, Math.Min(rows, cols)));
         using var scope = NewDisposeScope();
         var a = m.dtype == ScalarType.Float64 ? m : m.to_type(ScalarType.Float32);
-        double energy = a.square().sum().item<double>();
+        double energy = a.square().sum().to_type(ScalarType.Float64).item<double>();
         bool tryRandom = method == SvdMethod.Randomized || (method == SvdMethod.Auto && PreferRandomized(rows, cols, k));
         if (tryRandom)
         {
@@ -102,7 +102,7 @@ public static class LowRank
             }
         }
         var (U, S, Vh) = linalg.svd(a, fullMatrices: false);
-        double total = S.sum().item<double>();
+        double total = S.sum().to_type(ScalarType.Float64).item<double>();
         return new TruncatedSvd
         {
             U = U[.., ..(int)k].contiguous().MoveToOuterDisposeScope(),
@@ -128,7 +128,7 @@ public static class LowRank
         var b = q.t().matmul(a);                       // [l, cols]
         var (ub, s, vh) = linalg.svd(b, fullMatrices: false);
         var u = q.matmul(ub);
-        double sk = s[k - 1].item<double>(), sl = s[l - 1].item<double>();
+        double sk = s[k - 1].to_type(ScalarType.Float64).item<double>(), sl = s[l - 1].to_type(ScalarType.Float64).item<double>();
         double decay = l == k ? (l == Math.Min(rows, cols) ? 0 : 1) : sk <= 0 ? 0 : Math.Pow(sl / sk, 2 * PowerIterations + 1);
         if (l == Math.Min(rows, cols)) decay = 0; // the sketch spans the whole space: exact
         return (u[.., ..(int)k].contiguous(), s[..(int)k].contiguous(), vh[..(int)k].contiguous(), decay);

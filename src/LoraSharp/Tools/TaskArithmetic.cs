@@ -15,7 +15,7 @@ public static class TaskArithmetic
     {
         using var scope = NewDisposeScope();
         var stacked = stack(tensors.ToArray(), 0);
-        return stacked.mul(Weights(stacked, weights)).sum(0).MoveToOuterDisposeScope();
+        return stacked.mul(Weights(stacked, weights)).sum(0L).MoveToOuterDisposeScope();
     }
 
     /// <summary>Keeps the ⌊density·numel⌋ largest |values|, zeroes the rest (density ≥ 1: unchanged).</summary>
@@ -53,8 +53,8 @@ public static class TaskArithmetic
         var sign = stacked.sign();
         var magnitude = method switch
         {
-            "total" => stacked.sum(0),
-            "frequency" => sign.sum(0),
+            "total" => stacked.sum(0L),
+            "frequency" => sign.sum(0L),
             _ => throw new LoraSharpException($"unknown majority sign method '{method}' (expected total or frequency)", null, "--majority-sign"),
         };
         var majority = where(magnitude.ge(0), ones_like(magnitude), ones_like(magnitude).neg());
@@ -65,8 +65,8 @@ public static class TaskArithmetic
     {
         using var scope = NewDisposeScope();
         var m = mask.to_type(weighted.dtype);
-        var kept = weighted.mul(m).sum(0);
-        var count = m.sum(0).clamp_min(1.0);
+        var kept = weighted.mul(m).sum(0L);
+        var count = m.sum(0L).clamp_min(1.0);
         return kept.div(count).MoveToOuterDisposeScope();
     }
 
