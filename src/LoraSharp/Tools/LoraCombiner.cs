@@ -308,7 +308,7 @@ public static class LoraCombiner
         up = up.contiguous();
         down = down.contiguous();
         double? clamp = o.ClampQuantile ?? (kohya ? 0.99 : null);
-        if (clamp is { } q) LowRank.ClampQuantile(up, down, q);
+        if (clamp is { } q && q < 1) LowRank.ClampQuantile(up, down, q); // 1 = no clamp
         if (conv)
         {
             up = up.reshape(outF, k, 1, 1);
