@@ -1,0 +1,163 @@
+using System.Diagnostics;
+using System.Globalization;
+using LoraSharp.Adapters;
+using LoraSharp.Formats;
+using LoraSharp.Models.StableDiffusion;
+using LoraSharp.Tools;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace LoraSharp.Bench;
+
+/// <summary>
+/// The LoRA tools on an SD1.5-sized model: generates a random fp16 SD1.5 single file (~2.1 GB, real UNet/TE/VAE configs)
+/// and a random rank-R kohya LoRA (default 128) on every module a LoRA network targets, in a temp folder; then, each in a
+/// child process so its peak RSS (VmHWM) is its own: merge (base + LoRA → tuned), extract (auto SVD and full-SVD
+/// baseline), resize (factored SVD and full-SVD baseline). Options: <c>--rank N</c>, <c>--extract-rank N</c>,
+/// <c>--resize-rank N</c>, <c>--skip-full</c> (no full-SVD extraction baseline), <c>--keep DIR</c> (work in DIR, keep files).
+/// </summary>
+public static class ToolsBenchmark
+{
+    public static int Run(string[] args)
+    {
+        if (args.Length > 0 && args[0] == "--child") return Child(args[1..]);
+        int rank = Option(args, "--rank", 128), extractRank = Option(args, "--extract-rank", rank), resizeRank = Option(args, "--resize-rank", 32);
+        bool skipFull = args.Contains("--skip-full");
+        int keepAt = Array.IndexOf(args, "--keep");
+        var dir = keepAt >= 0 ? Directory.CreateDirectory(args[keepAt + 1]) : Directory.CreateTempSubdirectory("lorasharp-bench-tools-");
+        Console.WriteLine($"work folder {dir.FullName}, {get_num_threads()} threads");
+        try
+        {
+            var basePath = Path.Combine(dir.FullName, "sd15_base_fp16.safetensors");
+            var loraPath = Path.Combine(dir.FullName, $"lora_r{rank}.safetensors");
+            var tunedPath = Path.Combine(dir.FullName, "sd15_tuned_fp16.safetensors");
+            if (!File.Exists(basePath)) RunChild("generate-base", basePath);
+            if (!File.Exists(loraPath)) RunChild("generate-lora", basePath, loraPath, rank.ToString(CultureInfo.InvariantCulture));
+            Console.WriteLine($"base {Gb(basePath):F2} GB, LoRA r{rank} {Gb(loraPath) * 1000:F0} MB");
+
+            var merge = RunChild("merge", basePath, loraPath, tunedPath);
+            Console.WriteLine($"merge: {merge.Seconds:F1} s, peak RSS {merge.PeakGb:F2} GB (output {Gb(tunedPath):F2} GB)   {merge.Line}");
+
+            var extracted = Path.Combine(dir.FullName, "extracted_auto.safetensors");
+            var auto = RunChild("extract", basePath, tunedPath, extracted, extractRank.ToString(CultureInfo.InvariantCulture), "auto");
+            Console.WriteLine($"extract r{extractRank} (auto SVD): {auto.Seconds:F1} s, peak RSS {auto.PeakGb:F2} GB (output {Gb(extracted) * 1000:F0} MB)   {auto.Line}");
+            if (!skipFull)
+            {
+                var extractedFull = Path.Combine(dir.FullName, "extracted_full.safetensors");
+                var full = RunChild("extract", basePath, tunedPath, extractedFull, extractRank.ToString(CultureInfo.InvariantCulture), "full");
+                Console.WriteLine($"extract r{extractRank} (full SVD baseline): {full.Seconds:F1} s, peak RSS {full.PeakGb:F2} GB   {full.Line}");
+                Console.WriteLine($"extraction speed-up auto / full SVD: {full.Seconds / auto.Seconds:F2}×");
+            }
+
+            var resized = Path.Combine(dir.FullName, "resized.safetensors");
+            var fast = RunChild("resize", loraPath, resized, resizeRank.ToString(CultureInfo.InvariantCulture), "factored");
+            var slow = RunChild("resize", loraPath, resized, resizeRank.ToString(CultureInfo.InvariantCulture), "full");
+            Console.WriteLine($"resize r{rank}→{resizeRank}: factored SVD {fast.Seconds:F1} s (peak {fast.PeakGb:F2} GB), full SVD baseline {slow.Seconds:F1} s (peak {slow.PeakGb:F2} GB): {slow.Seconds / fast.Seconds:F1}×");
+            return 0;
+        }
+        finally
+        {
+            if (keepAt < 0) dir.Delete(recursive: true);
+        }
+    }
+
+    static double Gb(string path) => new FileInfo(path).Length / 1e9;
+
+    sealed record ChildResult(double Seconds, double PeakGb, string Line);
+
+    /// <summary>Runs this benchmark in a child process; returns its wall time, its VmHWM and its last output line.</summary>
+    static ChildResult RunChild(params string[] childArgs)
+    {
+        var self = Environment.ProcessPath!;
+        var psi = new ProcessStartInfo(self) { RedirectStandardOutput = true, UseShellExecute = false };
+        if (Path.GetFileNameWithoutExtension(self) == "dotnet") psi.ArgumentList.Add(typeof(ToolsBenchmark).Assembly.Location);
+        foreach (var a in new[] { "tools", "--child" }.Concat(childArgs)) psi.ArgumentList.Add(a);
+        var sw = Stopwatch.StartNew();
+        using var p = Process.Start(psi)!;
+        var lines = new List<string>();
+        string? line;
+        while ((line = p.StandardOutput.ReadLine()) is not null) lines.Add(line);
+        p.WaitForExit();
+        double seconds = sw.Elapsed.TotalSeconds;
+        if (p.ExitCode != 0) throw new InvalidOperationException($"child {string.Join(' ', childArgs)} failed ({p.ExitCode}): {string.Join('\n', lines.TakeLast(20))}");
+        var peak = lines.LastOrDefault(l => l.StartsWith("PEAK_RSS_KB=", StringComparison.Ordinal));
+        double peakGb = peak is null ? double.NaN : long.Parse(peak["PEAK_RSS_KB=".Length..], CultureInfo.InvariantCulture) * 1024 / 1e9;
+        return new ChildResult(seconds, peakGb, lines.LastOrDefault(l => !l.StartsWith("PEAK_RSS_KB=", StringComparison.Ordinal)) ?? "");
+    }
+
+    static int Child(string[] a)
+    {
+        switch (a[0])
+        {
+            case "generate-base":
+            {
+                manual_seed(1);
+                using (var model = new StableDiffusionModel(UNetBenchmark.Sd15Full, dtype: ScalarType.Float16))
+                    StableDiffusionCheckpoint.Save(model, a[1]);
+                break;
+            }
+            case "generate-lora":
+                GenerateLora(a[1], a[2], int.Parse(a[3], CultureInfo.InvariantCulture));
+                break;
+            case "merge":
+            {
+                var r = LoraMerger.MergeIntoModel(a[1], [new LoraInput(a[2], 1.0)], a[3]);
+                Console.WriteLine($"{r.ModulesChanged} modules merged, {r.TensorsCopied} tensors copied");
+                break;
+            }
+            case "extract":
+            {
+                var method = a[5] == "full" ? SvdMethod.Full : SvdMethod.Auto;
+                var r = LoraExtractor.Extract(a[1], a[2], a[3], new ExtractOptions { Rank = int.Parse(a[4], CultureInfo.InvariantCulture), SvdMethod = method });
+                Console.WriteLine($"{r.Modules.Count} modules, {r.Modules.Count(m => m.Method == SvdMethod.Randomized)} randomized, mean energy kept {r.Modules.Average(m => m.EnergyRetained):P3}, "
+                    + $"SVD time {r.Modules.Sum(m => m.Seconds):F1} s");
+                break;
+            }
+            case "resize":
+            {
+                var r = LoraResizer.Resize(a[1], a[2], new ResizeOptions { Rank = int.Parse(a[3], CultureInfo.InvariantCulture), FullSvd = a[4] == "full" });
+                Console.WriteLine($"{r.Modules.Count} modules, mean fro retained {r.Modules.Average(m => m.FroRetained):P2}");
+                break;
+            }
+            default:
+                Console.Error.WriteLine($"unknown child step {a[0]}");
+                return 2;
+        }
+        var status = File.ReadAllLines("/proc/self/status").FirstOrDefault(l => l.StartsWith("VmHWM:", StringComparison.Ordinal));
+        if (status is not null) Console.WriteLine("PEAK_RSS_KB=" + status.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1]);
+        return 0;
+    }
+
+    /// <summary>A random kohya LoRA (fp16, alpha = rank) on every module a LoRA network targets in the model.</summary>
+    static void GenerateLora(string model, string output, int rank)
+    {
+        using var ckpt = ModelCheckpoint.Open(model);
+        var gen = new Generator(7);
+        var modules = new List<ModuleAdapterWeights>();
+        foreach (var path in ckpt.LoraTargets(withConv: false))
+        {
+            var shape = ckpt.Index.WeightShape(path);
+            long outF = shape[0], fanIn = shape.Skip(1).Aggregate(1L, (x, y) => x * y);
+            int r = (int)Math.Min(rank, Math.Min(outF, shape[1]));
+            long[] downShape = shape.Length == 4 ? [r, shape[1], shape[2], shape[3]] : [r, fanIn];
+            long[] upShape = shape.Length == 4 ? [outF, r, 1, 1] : [outF, r];
+            // ΔW entries ~ 1e-3·(unit scale): a realistic LoRA magnitude next to fp16 weights.
+            var down = randn(downShape, generator: gen).mul(1.0 / Math.Sqrt(fanIn)).to_type(ScalarType.Float16);
+            var up = randn(upShape, generator: gen).mul(1e-2 / Math.Sqrt(r)).to_type(ScalarType.Float16);
+            modules.Add(new ModuleAdapterWeights
+            {
+                ModulePath = path, Algorithm = AdapterAlgorithm.LoRA,
+                Tensors = new Dictionary<string, Tensor> { ["lora_down"] = down, ["lora_up"] = up }, Alpha = r,
+            });
+        }
+        using var weights = new AdapterWeights { Name = Path.GetFileNameWithoutExtension(output), Modules = modules };
+        KohyaAdapterWriter.Write(output, weights);
+        Console.WriteLine($"{modules.Count} modules");
+    }
+
+    static int Option(string[] args, string name, int fallback)
+    {
+        int i = Array.IndexOf(args, name);
+        return i >= 0 && i + 1 < args.Length && int.TryParse(args[i + 1], out int v) ? v : fallback;
+    }
+}
