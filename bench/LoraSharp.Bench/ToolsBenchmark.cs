@@ -36,23 +36,23 @@ public static class ToolsBenchmark
             Console.WriteLine($"base {Gb(basePath):F2} GB, LoRA r{rank} {Gb(loraPath) * 1000:F0} MB");
 
             var merge = RunChild("merge", basePath, loraPath, tunedPath);
-            Console.WriteLine($"merge: {merge.Seconds:F1} s, peak RSS {merge.PeakGb:F2} GB (output {Gb(tunedPath):F2} GB)   {merge.Line}");
+            Console.WriteLine($"merge: {merge.Seconds:F1} s, {merge.Memory} (output {Gb(tunedPath):F2} GB)   {merge.Line}");
 
             var extracted = Path.Combine(dir.FullName, "extracted_auto.safetensors");
             var auto = RunChild("extract", basePath, tunedPath, extracted, extractRank.ToString(CultureInfo.InvariantCulture), "auto");
-            Console.WriteLine($"extract r{extractRank} (auto SVD): {auto.Seconds:F1} s, peak RSS {auto.PeakGb:F2} GB (output {Gb(extracted) * 1000:F0} MB)   {auto.Line}");
+            Console.WriteLine($"extract r{extractRank} (auto SVD): {auto.Seconds:F1} s, {auto.Memory} (output {Gb(extracted) * 1000:F0} MB)   {auto.Line}");
             if (!skipFull)
             {
                 var extractedFull = Path.Combine(dir.FullName, "extracted_full.safetensors");
                 var full = RunChild("extract", basePath, tunedPath, extractedFull, extractRank.ToString(CultureInfo.InvariantCulture), "full");
-                Console.WriteLine($"extract r{extractRank} (full SVD baseline): {full.Seconds:F1} s, peak RSS {full.PeakGb:F2} GB   {full.Line}");
+                Console.WriteLine($"extract r{extractRank} (full SVD baseline): {full.Seconds:F1} s, {full.Memory}   {full.Line}");
                 Console.WriteLine($"extraction speed-up auto / full SVD: {full.Seconds / auto.Seconds:F2}×");
             }
 
             var resized = Path.Combine(dir.FullName, "resized.safetensors");
             var fast = RunChild("resize", loraPath, resized, resizeRank.ToString(CultureInfo.InvariantCulture), "factored");
             var slow = RunChild("resize", loraPath, resized, resizeRank.ToString(CultureInfo.InvariantCulture), "full");
-            Console.WriteLine($"resize r{rank}→{resizeRank}: factored SVD {fast.Seconds:F1} s (peak {fast.PeakGb:F2} GB), full SVD baseline {slow.Seconds:F1} s (peak {slow.PeakGb:F2} GB): {slow.Seconds / fast.Seconds:F1}×");
+            Console.WriteLine($"resize r{rank}→{resizeRank}: factored SVD {fast.Seconds:F1} s ({fast.Memory}), full SVD baseline {slow.Seconds:F1} s: {slow.Seconds / fast.Seconds:F1}×");
             return 0;
         }
         finally
@@ -63,7 +63,10 @@ public static class ToolsBenchmark
 
     static double Gb(string path) => new FileInfo(path).Length / 1e9;
 
-    sealed record ChildResult(double Seconds, double PeakGb, string Line);
+    sealed record ChildResult(double Seconds, double PeakGb, double PeakAnonGb, string Line)
+    {
+        public string Memory => $"peak RSS {PeakGb:F2} GB (VmHWM, incl. mapped input pages), peak anonymous {PeakAnonGb:F2} GB";
+    }
 
     /// <summary>Runs this benchmark in a child process; returns its wall time, its VmHWM and its last output line.</summary>
     static ChildResult RunChild(params string[] childArgs)
@@ -82,10 +85,42 @@ public static class ToolsBenchmark
         if (p.ExitCode != 0) throw new InvalidOperationException($"child {string.Join(' ', childArgs)} failed ({p.ExitCode}): {string.Join('\n', lines.TakeLast(20))}");
         var peak = lines.LastOrDefault(l => l.StartsWith("PEAK_RSS_KB=", StringComparison.Ordinal));
         double peakGb = peak is null ? double.NaN : long.Parse(peak["PEAK_RSS_KB=".Length..], CultureInfo.InvariantCulture) * 1024 / 1e9;
-        return new ChildResult(seconds, peakGb, lines.LastOrDefault(l => !l.StartsWith("PEAK_RSS_KB=", StringComparison.Ordinal)) ?? "");
+        var anon = lines.LastOrDefault(l => l.StartsWith("PEAK_ANON_KB=", StringComparison.Ordinal));
+        double anonGb = anon is null ? double.NaN : long.Parse(anon["PEAK_ANON_KB=".Length..], CultureInfo.InvariantCulture) * 1024 / 1e9;
+        return new ChildResult(seconds, peakGb, anonGb, lines.LastOrDefault(l => !l.StartsWith("PEAK_", StringComparison.Ordinal)) ?? "");
     }
 
     static int Child(string[] a)
+    {
+        // VmHWM counts the file-backed pages of the memory-mapped inputs too (clean page cache the kernel can drop);
+        // sample RssAnon (the process's own memory) to report the peak of what the tool allocates.
+        long peakAnonKb = 0;
+        bool done = false;
+        var sampler = new Thread(() =>
+        {
+            while (!Volatile.Read(ref done))
+            {
+                peakAnonKb = Math.Max(peakAnonKb, StatusKb("RssAnon:"));
+                Thread.Sleep(20);
+            }
+        }) { IsBackground = true };
+        sampler.Start();
+        int code = ChildStep(a);
+        Volatile.Write(ref done, true);
+        sampler.Join();
+        peakAnonKb = Math.Max(peakAnonKb, StatusKb("RssAnon:"));
+        Console.WriteLine("PEAK_ANON_KB=" + peakAnonKb.ToString(CultureInfo.InvariantCulture));
+        Console.WriteLine("PEAK_RSS_KB=" + StatusKb("VmHWM:").ToString(CultureInfo.InvariantCulture));
+        return code;
+    }
+
+    static long StatusKb(string field)
+    {
+        var line = File.ReadAllLines("/proc/self/status").FirstOrDefault(l => l.StartsWith(field, StringComparison.Ordinal));
+        return line is null ? 0 : long.Parse(line.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1], CultureInfo.InvariantCulture);
+    }
+
+    static int ChildStep(string[] a)
     {
         switch (a[0])
         {
@@ -123,8 +158,6 @@ public static class ToolsBenchmark
                 Console.Error.WriteLine($"unknown child step {a[0]}");
                 return 2;
         }
-        var status = File.ReadAllLines("/proc/self/status").FirstOrDefault(l => l.StartsWith("VmHWM:", StringComparison.Ordinal));
-        if (status is not null) Console.WriteLine("PEAK_RSS_KB=" + status.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1]);
         return 0;
     }
 
