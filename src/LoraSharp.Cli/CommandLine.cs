@@ -14,6 +14,7 @@ public static class CommandLine
         root.Subcommands.Add(Commands.MergeLorasCommand.Create());
         root.Subcommands.Add(Commands.ExtractCommand.Create());
         root.Subcommands.Add(Commands.ResizeCommand.Create());
+        root.Subcommands.Add(Commands.PngInfoCommand.Create());
         return root;
     }
 

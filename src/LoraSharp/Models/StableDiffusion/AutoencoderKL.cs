@@ -21,6 +21,29 @@ public sealed record VaeConfig
     public bool UsePostQuantConv { get; init; } = true;
     public int SampleSize { get; init; } = 512;
 
+    /// <summary>diffusers' <c>vae/config.json</c> for this config.</summary>
+    public string ToJson() => DiffusersJson.Write(new Dictionary<string, object?>
+    {
+        ["_class_name"] = "AutoencoderKL",
+        ["_diffusers_version"] = DiffusersJson.DiffusersVersion,
+        ["act_fn"] = "silu",
+        ["block_out_channels"] = BlockOutChannels,
+        ["down_block_types"] = Enumerable.Repeat("DownEncoderBlock2D", BlockOutChannels.Length).ToArray(),
+        ["force_upcast"] = true,
+        ["in_channels"] = InChannels,
+        ["latent_channels"] = LatentChannels,
+        ["layers_per_block"] = LayersPerBlock,
+        ["mid_block_add_attention"] = MidBlockAddAttention,
+        ["norm_num_groups"] = NormNumGroups,
+        ["out_channels"] = OutChannels,
+        ["sample_size"] = SampleSize,
+        ["scaling_factor"] = ScalingFactor,
+        ["shift_factor"] = ShiftFactor,
+        ["up_block_types"] = Enumerable.Repeat("UpDecoderBlock2D", BlockOutChannels.Length).ToArray(),
+        ["use_post_quant_conv"] = UsePostQuantConv,
+        ["use_quant_conv"] = UseQuantConv,
+    });
+
     public static VaeConfig FromJsonFile(string path)
     {
         using var doc = DiffusersJson.Parse(path);
@@ -117,13 +140,16 @@ public sealed class AutoencoderKL : nn.Module<Tensor, Tensor>
         }
     }
 
+    /// <summary>The parameters' dtype; inputs are converted to it.</summary>
+    public ScalarType DType => _decoder.parameters().First().dtype;
+
     /// <summary>Image [B, 3, H, W] in [−1, 1] → latent distribution at H/8 × W/8.</summary>
     public DiagonalGaussian Encode(Tensor image)
     {
         Tensor moments;
         using (var scope = NewDisposeScope())
         {
-            var h = _encoder.call(image);
+            var h = _encoder.call(image.to_type(DType));
             if (_quantConv is not null) h = _quantConv.call(h);
             moments = h.MoveToOuterDisposeScope();
         }
@@ -135,7 +161,8 @@ public sealed class AutoencoderKL : nn.Module<Tensor, Tensor>
     public Tensor Decode(Tensor latents)
     {
         using var scope = NewDisposeScope();
-        var z = _postQuantConv is null ? latents : _postQuantConv.call(latents);
+        var z = latents.to_type(DType);
+        if (_postQuantConv is not null) z = _postQuantConv.call(z);
         return _decoder.call(z).MoveToOuterDisposeScope();
     }
 
