@@ -21,6 +21,8 @@ public static class ToolsBenchmark
     public static int Run(string[] args)
     {
         if (args.Length > 0 && args[0] == "--child") return Child(args[1..]);
+        if (args.Length > 0 && args[0] == "--svd-compare") return SvdCompare(args[1..]);
+        if (args.Length > 0 && args[0] == "--resize-compare") return ResizeCompare(args[1..]);
         int rank = Option(args, "--rank", 128), extractRank = Option(args, "--extract-rank", rank), resizeRank = Option(args, "--resize-rank", 32);
         bool skipFull = args.Contains("--skip-full");
         int keepAt = Array.IndexOf(args, "--keep");
@@ -186,6 +188,72 @@ public static class ToolsBenchmark
         using var weights = new AdapterWeights { Name = Path.GetFileNameWithoutExtension(output), Modules = modules };
         KohyaAdapterWriter.Write(output, weights);
         Console.WriteLine($"{modules.Count} modules");
+    }
+
+    /// <summary>
+    /// <c>--svd-compare BASE TUNED [--rank R] [--modules N]</c>: for the N largest extraction targets, ΔW's truncated SVD with
+    /// Auto and with the full SVD, interleaved per module (so both see the same machine load): time ratio and the largest
+    /// difference between the two rank-R reconstructions relative to the largest entry of ΔW.
+    /// </summary>
+    static int SvdCompare(string[] args)
+    {
+        int rank = Option(args, "--rank", 128), count = Option(args, "--modules", 24);
+        using var baseModel = ModelCheckpoint.Open(args[0]);
+        using var tuned = ModelCheckpoint.Open(args[1]);
+        var targets = baseModel.LoraTargets(withConv: false)
+            .OrderByDescending(t => baseModel.Index.WeightShape(t).Aggregate(1L, (a, b) => a * b)).ThenBy(t => t, StringComparer.Ordinal).Take(count).ToList();
+        double tAuto = 0, tFull = 0, worst = 0;
+        int randomized = 0;
+        foreach (var t in targets)
+        {
+            using var scope = NewDisposeScope();
+            var delta = tuned.LoadWeight(t, ScalarType.Float32).sub(baseModel.LoadWeight(t, ScalarType.Float32));
+            var m = delta.reshape(delta.shape[0], -1);
+            var sw = Stopwatch.StartNew();
+            using var auto = LowRank.Svd(m, rank, SvdMethod.Auto, seed: 1);
+            double a = sw.Elapsed.TotalSeconds;
+            sw.Restart();
+            using var full = LowRank.Svd(m, rank, SvdMethod.Full);
+            double f = sw.Elapsed.TotalSeconds;
+            tAuto += a;
+            tFull += f;
+            if (auto.Method == SvdMethod.Randomized) randomized++;
+            var ra = auto.U.mul(auto.S).matmul(auto.Vh);
+            var rf = full.U.mul(full.S).matmul(full.Vh);
+            double rel = ra.sub(rf).abs().max().item<float>() / m.abs().max().item<float>();
+            worst = Math.Max(worst, rel);
+            Console.WriteLine($"{t,-75} [{string.Join("×", m.shape)}] {auto.Method,-10} auto {a:F2} s, full {f:F2} s, max |recon diff|/max|ΔW| {rel:E1}");
+        }
+        Console.WriteLine($"{targets.Count} modules, {randomized} randomized: auto {tAuto:F1} s, full {tFull:F1} s → {tFull / tAuto:F2}×; worst relative reconstruction difference {worst:E1}");
+        return 0;
+    }
+
+    /// <summary>
+    /// <c>--resize-compare LORA [--rank R]</c>: every module resized with the factored SVD and with kohya's full SVD of
+    /// up·down, interleaved per module: time ratio and the largest ΔW difference.
+    /// </summary>
+    static int ResizeCompare(string[] args)
+    {
+        int rank = Option(args, "--rank", 32);
+        using var loaded = AdapterFile.Read(args[0]);
+        double tFast = 0, tFull = 0, worst = 0;
+        foreach (var m in loaded.Weights.Modules)
+        {
+            using var scope = NewDisposeScope();
+            var sw = Stopwatch.StartNew();
+            using var a = LoraResizer.ResizeModule(m, new ResizeOptions { Rank = rank }, null, out _);
+            tFast += sw.Elapsed.TotalSeconds;
+            sw.Restart();
+            using var b = LoraResizer.ResizeModule(m, new ResizeOptions { Rank = rank, FullSvd = true }, null, out _);
+            tFull += sw.Elapsed.TotalSeconds;
+            Tensor D(ModuleAdapterWeights w) => w["lora_up"].to_type(ScalarType.Float32).reshape(w["lora_up"].shape[0], -1)
+                .matmul(w["lora_down"].to_type(ScalarType.Float32).reshape(w["lora_down"].shape[0], -1)).mul(AdapterScales.Scale(w));
+            var da = D(a);
+            worst = Math.Max(worst, da.sub(D(b)).abs().max().item<float>() / da.abs().max().item<float>());
+        }
+        Console.WriteLine($"resize {loaded.Weights.Modules.Count} modules → rank {rank}: factored SVD {tFast:F1} s, full SVD of up·down {tFull:F1} s → {tFull / tFast:F1}×; "
+            + $"worst relative ΔW difference {worst:E1}");
+        return 0;
     }
 
     static int Option(string[] args, string name, int fallback)

@@ -58,8 +58,8 @@ public static class LowRank
     /// <summary>Oversampling of the randomized sketch (columns beyond the rank).</summary>
     public const int Oversample = 10;
 
-    /// <summary>Power (subspace) iterations of the randomized path.</summary>
-    public const int PowerIterations = 3;
+    /// <summary>Most power (subspace) iterations of the randomized path (it stops earlier when converged).</summary>
+    public const int PowerIterations = 4;
 
     /// <summary>Auto falls back to the full SVD when the sketch's decay bound (σ_l/σ_k)^(2q+1) exceeds this.</summary>
     public const double RandomizedTolerance = 1e-4;
@@ -112,26 +112,34 @@ public static class LowRank
         };
     }
 
-    /// <summary>Randomized range finder with power iterations; also returns the decay bound (σ_l/σ_k)^(2q+1).</summary>
+    /// <summary>
+    /// Randomized range finder with adaptive power iterations: after each stage the small SVD of B = Qᵀ·A gives the
+    /// sketch's singular values and the convergence bound (σ_l/σ_k)^(2q+1); it stops when that is below the tolerance
+    /// or after <see cref="PowerIterations"/> iterations. B also gives Aᵀ·Q = Bᵀ for the next iteration, so a stage
+    /// costs two products with A. Returns the top k triplets and the last bound.
+    /// </summary>
     static (Tensor U, Tensor S, Tensor Vh, double Decay) RandomizedCore(Tensor a, long k, long seed)
     {
         long rows = a.shape[0], cols = a.shape[1];
-        long l = Math.Min(Math.Min(rows, cols), k + Oversample);
+        long small = Math.Min(rows, cols);
+        long l = Math.Min(small, k + Oversample);
         using var gen = new Generator((ulong)seed, a.device);
         var omega = randn([cols, l], dtype: a.dtype, device: a.device, generator: gen);
         var (q, _) = linalg.qr(a.matmul(omega));
-        for (int i = 0; i < PowerIterations; i++)
+        for (int iteration = 0; ; iteration++)
         {
-            var (z, _) = linalg.qr(a.t().matmul(q));
+            var b = q.t().matmul(a);                       // [l, cols]
+            var (ub, s, vh) = linalg.svd(b, fullMatrices: false);
+            double sk = s[k - 1].to_type(ScalarType.Float64).item<double>(), sl = s[l - 1].to_type(ScalarType.Float64).item<double>();
+            double decay = l == small ? 0 : sk <= 0 ? 0 : Math.Pow(sl / sk, 2 * iteration + 1);
+            if (decay <= RandomizedTolerance || iteration == PowerIterations)
+            {
+                var u = q.matmul(ub);
+                return (u[.., ..(int)k].contiguous(), s[..(int)k].contiguous(), vh[..(int)k].contiguous(), decay);
+            }
+            var (z, _) = linalg.qr(b.t());                 // orthonormal basis of Aᵀ·Q
             (q, _) = linalg.qr(a.matmul(z));
         }
-        var b = q.t().matmul(a);                       // [l, cols]
-        var (ub, s, vh) = linalg.svd(b, fullMatrices: false);
-        var u = q.matmul(ub);
-        double sk = s[k - 1].to_type(ScalarType.Float64).item<double>(), sl = s[l - 1].to_type(ScalarType.Float64).item<double>();
-        double decay = l == k ? (l == Math.Min(rows, cols) ? 0 : 1) : sk <= 0 ? 0 : Math.Pow(sl / sk, 2 * PowerIterations + 1);
-        if (l == Math.Min(rows, cols)) decay = 0; // the sketch spans the whole space: exact
-        return (u[.., ..(int)k].contiguous(), s[..(int)k].contiguous(), vh[..(int)k].contiguous(), decay);
     }
 
     /// <summary>
