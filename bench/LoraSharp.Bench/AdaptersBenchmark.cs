@@ -15,7 +15,7 @@ namespace LoraSharp.Bench;
 /// (2) inference forward with the LoRA merged vs the plain base — target ≤ 1.02;
 /// (3) merge + unmerge of 100 Linear 1024×1024 layers with LoRA r=16 (first merge computes ΔW; a re-merge after a
 /// multiplier change reuses the fp32 cache), relative to one forward pass of those 100 layers at 1024 tokens.
-/// Options: --reps N (default 5), --blocks N (default 1), --tokens N (default 1024), --layers N (default 100).
+/// Options: --reps N (default 5), --blocks N (default 1), --tokens N (default 1024), --layers N (default 100), --threads N.
 /// </summary>
 public static class AdaptersBenchmark
 {
@@ -81,6 +81,8 @@ public static class AdaptersBenchmark
     public static int Run(string[] args)
     {
         int reps = Opt(args, "--reps", 5), blocks = Opt(args, "--blocks", 1), tokens = Opt(args, "--tokens", 1024), layers = Opt(args, "--layers", 100);
+        int threads = Opt(args, "--threads", 0);
+        if (threads > 0) set_num_threads(threads);
         const long hidden = 1024, mlp = 2816;
         Console.WriteLine($"adapters benchmark: {blocks} LLaMA-shaped block(s) (hidden {hidden}, MLP {mlp}), {tokens} tokens, fp32, {get_num_threads()} threads, {reps} interleaved reps");
 

@@ -159,7 +159,7 @@ public abstract class Adapter : nn.Module
     /// </summary>
     public Tensor? ForwardDelta(Tensor x, Tensor baseOutput, Tensor baseWeight, Tensor? baseBias, double multiplier, bool training)
     {
-        if (training && Dropout.Module > 0 && rand(1).item<float>() < Dropout.Module) return null;
+        if (SkippedByModuleDropout(training)) return null;
         using var scope = NewDisposeScope();
         var xd = x.dtype == Dt ? x : x.to(Dt);
         Tensor y;
@@ -200,6 +200,19 @@ public abstract class Adapter : nn.Module
         }
         if (y.dtype != baseOutput.dtype) y = y.to(baseOutput.dtype);
         return y.MoveToOuterDisposeScope();
+    }
+
+    /// <summary>kohya/LyCORIS module dropout: true when this forward skips the adapter.</summary>
+    protected bool SkippedByModuleDropout(bool training) => training && Dropout.Module > 0 && rand(1).item<float>() < Dropout.Module;
+
+    /// <summary>
+    /// Unmerged mode: the running output <paramref name="accumulated"/> (base output plus earlier adapters) with this
+    /// adapter added; null when skipped (module dropout). <paramref name="baseOutput"/> is the base module's own output.
+    /// </summary>
+    public virtual Tensor? AddTo(Tensor accumulated, Tensor x, Tensor baseOutput, Tensor baseWeight, Tensor? baseBias, double multiplier, bool training)
+    {
+        var d = ForwardDelta(x, baseOutput, baseWeight, baseBias, multiplier, training);
+        return d is null ? null : accumulated.add(d);
     }
 
     /// <summary>Bypass without the input dropout (PEFT DoRA applies it once, outside). Default: the plain bypass.</summary>
@@ -255,6 +268,16 @@ public sealed class LoraAdapter : Adapter
 
     protected override Tensor BypassNoInputDropout(Tensor x, bool training) =>
         LoraBranch.Forward(x, P(Down), P(Up), Pn(Mid), Scale, Geometry, Dropout, training);
+
+    /// <summary>Fast path without DoRA: the up projection accumulates straight into the output (one fused GEMM).</summary>
+    public override Tensor? AddTo(Tensor accumulated, Tensor x, Tensor baseOutput, Tensor baseWeight, Tensor? baseBias, double multiplier, bool training)
+    {
+        if (Dora != DoraKind.None || accumulated.dtype != Dt || x.dtype != Dt)
+            return base.AddTo(accumulated, x, baseOutput, baseWeight, baseBias, multiplier, training);
+        if (SkippedByModuleDropout(training)) return null;
+        if (training && Dropout.Input > 0) x = nn.functional.dropout(x, Dropout.Input, true);
+        return LoraBranch.AddForward(accumulated, x, P(Down), P(Up), Pn(Mid), Scale * multiplier, Geometry, Dropout, training);
+    }
 }
 
 /// <summary>The LoRA branch with kohya's network and rank dropouts on the down output.</summary>
@@ -263,6 +286,27 @@ static class LoraBranch
     public static Tensor Forward(Tensor x, Tensor down, Tensor up, Tensor? mid, double scale, LayerGeometry g, AdapterDropout drop, bool training)
     {
         using var scope = NewDisposeScope();
+        var h = Hidden(x, down, mid, g, drop, training, ref scale);
+        return LoraMath.Up(h, up, g).mul(scale).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>acc + scale·up(h): for Linear one addmm (the GEMM accumulates into a copy of acc), for Conv2d an add with alpha.</summary>
+    public static Tensor AddForward(Tensor acc, Tensor x, Tensor down, Tensor up, Tensor? mid, double scale, LayerGeometry g, AdapterDropout drop, bool training)
+    {
+        using var scope = NewDisposeScope();
+        var h = Hidden(x, down, mid, g, drop, training, ref scale);
+        Tensor r;
+        if (g.IsConv) r = acc.add(LoraMath.Up(h, up, g), scale);
+        else
+        {
+            long o = g.OutFeatures, rank = h.shape[^1];
+            r = addmm(acc.reshape(-1, o), h.reshape(-1, rank), up.reshape(o, rank).t(), 1, (float)scale).reshape(acc.shape);
+        }
+        return r.MoveToOuterDisposeScope();
+    }
+
+    static Tensor Hidden(Tensor x, Tensor down, Tensor? mid, LayerGeometry g, AdapterDropout drop, bool training, ref double scale)
+    {
         var h = LoraMath.Down(x, down, mid, g);
         if (training && drop.Network > 0) h = nn.functional.dropout(h, drop.Network, true);
         if (training && drop.Rank > 0)
@@ -273,7 +317,7 @@ static class LoraBranch
             h = h.mul(mask.reshape(shape));
             scale *= 1.0 / (1.0 - drop.Rank);
         }
-        return LoraMath.Up(h, up, g).mul(scale).MoveToOuterDisposeScope();
+        return h;
     }
 }
 

@@ -406,9 +406,7 @@ public sealed class AdapterHost : IDisposable
             {
                 double m = owner.MultiplierFor(s.Path);
                 if (m == 0) continue;
-                var d = a.ForwardDelta(x, y, s.Weight, s.Bias, m, training);
-                if (d is null) continue;
-                result = result is null ? y.add(d) : result.add_(d);
+                result = a.AddTo(result ?? y, x, y, s.Weight, s.Bias, m, training) ?? result;
             }
             result?.MoveToOuterDisposeScope();
         }

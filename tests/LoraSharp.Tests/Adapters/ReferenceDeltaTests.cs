@@ -29,6 +29,14 @@ public class ReferenceDeltaTests
         return d;
     }
 
+    public static TheoryData<string> WeightedCases()
+    {
+        var d = new TheoryData<string>();
+        var w = LlmManifest["weighted"]!;
+        foreach (var a in w["sources"]!.AsArray().Concat(w["combinations"]!.AsArray())) d.Add(a!["name"]!.GetValue<string>());
+        return d;
+    }
+
     static Node LlmTree() => ReferenceTranslator.TreeFromWeights(ReferenceData.PathOf("llm", "model", "model.safetensors"),
         p => p.EndsWith("_proj") || p == "lm_head");
 
@@ -169,5 +177,40 @@ public class ReferenceDeltaTests
         a.Multiplier = 1; var y1 = q.call(xi).detach();
         a.Multiplier = 0.5; var yh = q.call(xi).detach();
         if (name != "dora") Assert.True(MaxAbs(yh, y0.add(y1.sub(y0).mul(0.5))) < 1e-5);
+    }
+
+    [Theory]
+    [MemberData(nameof(WeightedCases))]
+    public void Peft_weighted_adapter_sources_and_combinations_reproduce_reference_deltas(string name)
+    {
+        using var scope = NewDisposeScope();
+        var w = LlmManifest["weighted"]!;
+        var entry = w["sources"]!.AsArray().Concat(w["combinations"]!.AsArray()).First(a => a!["name"]!.GetValue<string>() == name)!;
+        var root = LlmTree();
+        using var host = new AdapterHost(root);
+        using var weights = ReferenceTranslator.ReadPeft(ReferenceData.PathOf("llm", entry["dir"]!.GetValue<string>()), name);
+        host.Attach(weights);
+        using var refs = SafetensorsFile.Open(ReferenceData.PathOf("llm", w["vectors"]!.GetValue<string>()));
+        CheckDeltas(host, root, refs, $"delta.{name}.", p => p, LlmManifest["tolerances"]!["delta_atol"]!.GetValue<double>(), 0);
+    }
+
+    [Fact]
+    public void Two_adapters_with_multipliers_merge_to_the_peft_cat_combination()
+    {
+        // PEFT's "cat" combination of a1, a2 with weights [0.7, 0.4] has ΔW = 0.7·ΔW_a1 + 0.4·ΔW_a2 exactly.
+        using var scope = NewDisposeScope();
+        var w = LlmManifest["weighted"]!;
+        var weightsList = w["weights"]!.AsArray().Select(x => x!.GetValue<double>()).ToArray();
+        var root = LlmTree();
+        using var host = new AdapterHost(root);
+        var sources = w["sources"]!.AsArray().Select(a => a!).ToArray();
+        for (int i = 0; i < sources.Length; i++)
+        {
+            using var aw = ReferenceTranslator.ReadPeft(ReferenceData.PathOf("llm", sources[i]["dir"]!.GetValue<string>()), sources[i]["name"]!.GetValue<string>());
+            host.Attach(aw, multiplier: weightsList[i]);
+        }
+        using var refs = SafetensorsFile.Open(ReferenceData.PathOf("llm", w["vectors"]!.GetValue<string>()));
+        int n = CheckDeltas(host, root, refs, "delta.cat.", p => p, LlmManifest["tolerances"]!["delta_atol"]!.GetValue<double>(), 0);
+        Assert.Equal(7, n);
     }
 }
