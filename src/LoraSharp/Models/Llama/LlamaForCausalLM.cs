@@ -49,12 +49,16 @@ public sealed class LlamaForCausalLM : nn.Module<Tensor, KvCache?, Tensor>
     /// Logits for <paramref name="inputIds"/>; <paramref name="lastOnly"/> applies lm_head to the last position only
     /// (<c>[batch, 1, vocab]</c>), what generation needs.
     /// </summary>
-    public Tensor Logits(Tensor inputIds, KvCache? cache = null, bool lastOnly = false)
+    /// <param name="positionIds">Optional RoPE positions <c>[batch, seq]</c> (no cache); see <see cref="LlamaModel.Forward"/>.</param>
+    /// <param name="attentionMask">Optional boolean <c>[batch, seq, seq]</c> mask replacing the causal one (no cache).</param>
+    public Tensor Logits(Tensor inputIds, KvCache? cache = null, bool lastOnly = false, Tensor? positionIds = null, Tensor? attentionMask = null)
     {
         if (inputIds.dim() != 2)
             throw new ArgumentException($"input ids must be [batch, seq], got [{string.Join(", ", inputIds.shape)}]", nameof(inputIds));
         using var scope = NewDisposeScope();
-        var hidden = Model.call(inputIds.to(Device), cache);
+        var hidden = positionIds is null && attentionMask is null
+            ? Model.call(inputIds.to(Device), cache)
+            : Model.Forward(inputIds.to(Device), cache, positionIds, attentionMask);
         if (lastOnly)
             hidden = hidden.narrow(1, hidden.shape[1] - 1, 1);
         return LmHead.call(hidden).MoveToOuterDisposeScope();

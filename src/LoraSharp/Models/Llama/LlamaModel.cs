@@ -35,22 +35,58 @@ public sealed class LlamaModel : nn.Module<Tensor, KvCache?, Tensor>
     /// <summary>Children are registered explicitly under their checkpoint names; no reflection over fields.</summary>
     protected override void RegisterComponents() { }
 
-    public override Tensor forward(Tensor inputIds, KvCache? cache)
+    public override Tensor forward(Tensor inputIds, KvCache? cache) => Forward(inputIds, cache, null, null);
+
+    /// <summary>
+    /// Runs each decoder layer: <c>(layer, hidden, ctx) → hidden</c>. Null (default) calls <c>layer.call(hidden, ctx)</c>;
+    /// training sets it to recompute layers in backward (gradient checkpointing).
+    /// </summary>
+    public Func<LlamaDecoderLayer, Tensor, LlamaForwardContext, Tensor>? LayerRunner { get; set; }
+
+    /// <summary>
+    /// The forward pass with optional per-token <paramref name="positionIds"/> <c>[batch, seq]</c> (RoPE positions, e.g.
+    /// restarting at 0 for each sample packed into a row) and an optional boolean <paramref name="attentionMask"/>
+    /// <c>[batch, seq, seq]</c> (true = query i may attend key j; it replaces the causal mask, so it must be causal
+    /// itself, e.g. block-diagonal causal for packed samples). Both need <paramref name="cache"/> = null.
+    /// </summary>
+    public Tensor Forward(Tensor inputIds, KvCache? cache, Tensor? positionIds, Tensor? attentionMask)
     {
         using var scope = NewDisposeScope();
         long seq = inputIds.shape[1], past = cache?.Length ?? 0;
+        if ((positionIds is not null || attentionMask is not null) && cache is not null)
+            throw new ArgumentException("position ids and attention masks are supported without a KV cache only");
         var hidden = EmbedTokens.call(inputIds);
-        var (cos, sin) = Rotary.CosSin(past, seq, hidden.dtype, hidden.device);
+        Tensor cos, sin;
+        if (positionIds is null)
+            (cos, sin) = Rotary.CosSin(past, seq, hidden.dtype, hidden.device);
+        else
+            (cos, sin) = Rotary.CosSin(positionIds.to(hidden.device), hidden.dtype);
 
-        // Within one call without past keys a plain causal mask suffices (SDPA is_causal); otherwise build it.
-        Tensor? causal = past > 0 && seq > 1 ? AttentionMask(past, seq, null, hidden.device) : null;
-        Tensor? sliding = causal;
-        if (_config.SlidingWindow is int window && past + seq > window)
-            sliding = AttentionMask(past, seq, window, hidden.device);
+        Tensor? causal, sliding;
+        if (attentionMask is not null)
+        {
+            causal = attentionMask.to(ScalarType.Bool).to(hidden.device).unsqueeze(1);
+            sliding = causal;
+            if (_config.SlidingWindow is int w)
+            {
+                var pos = positionIds ?? torch.arange(seq, dtype: ScalarType.Int64, device: hidden.device).unsqueeze(0);
+                pos = pos.to(hidden.device);
+                sliding = causal.logical_and((pos.unsqueeze(1) > pos.unsqueeze(2) - w).unsqueeze(1));
+            }
+        }
+        else
+        {
+            // Within one call without past keys a plain causal mask suffices (SDPA is_causal); otherwise build it.
+            causal = past > 0 && seq > 1 ? AttentionMask(past, seq, null, hidden.device) : null;
+            sliding = causal;
+            if (_config.SlidingWindow is int window && past + seq > window)
+                sliding = AttentionMask(past, seq, window, hidden.device);
+        }
 
         var ctx = new LlamaForwardContext { Cos = cos, Sin = sin, CausalMask = causal, SlidingMask = sliding, Cache = cache };
+        var runner = LayerRunner;
         foreach (var layer in Layers)
-            hidden = layer.call(hidden, ctx);
+            hidden = runner is null ? layer.call(hidden, ctx) : runner(layer, hidden, ctx);
         return Norm.call(hidden).MoveToOuterDisposeScope();
     }
 

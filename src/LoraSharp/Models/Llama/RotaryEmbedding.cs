@@ -66,6 +66,22 @@ public sealed class RotaryEmbedding(LlamaConfig config)
         return (cos, sin);
     }
 
+    /// <summary>
+    /// cos and sin, each <c>[batch, 1, seq, head_dim]</c> (broadcast over heads), for explicit positions
+    /// <paramref name="positions"/> <c>[batch, seq]</c> (int64), in <paramref name="dtype"/>.
+    /// </summary>
+    public (Tensor Cos, Tensor Sin) CosSin(Tensor positions, ScalarType dtype)
+    {
+        using var scope = NewDisposeScope();
+        long maxPos = positions.numel() == 0 ? 0 : positions.max().item<long>();
+        var inv = torch.tensor(InverseFrequencies(maxPos + 1), device: positions.device);
+        var freqs = positions.to_type(ScalarType.Float32).unsqueeze(-1) * inv;
+        var emb = torch.cat([freqs, freqs], dim: -1).unsqueeze(1);
+        var cos = emb.cos().to_type(dtype).MoveToOuterDisposeScope();
+        var sin = emb.sin().to_type(dtype).MoveToOuterDisposeScope();
+        return (cos, sin);
+    }
+
     /// <summary><c>cat(-x[..., d/2:], x[..., :d/2])</c>.</summary>
     public static Tensor RotateHalf(Tensor x)
     {
