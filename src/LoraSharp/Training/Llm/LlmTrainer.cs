@@ -290,6 +290,7 @@ public sealed class LlmTrainer : IDisposable
                 BaseModelNameOrPath = Config.BaseModel, TaskType = "CAUSAL_LM",
             });
             PatchPeftConfig(folder);
+            WriteTrainingInfo(folder);
         }
         else
         {
@@ -299,6 +300,28 @@ public sealed class LlmTrainer : IDisposable
                 if (File.Exists(Path.Combine(src, f)) && Path.GetFullPath(src) != Path.GetFullPath(folder))
                     File.Copy(Path.Combine(src, f), Path.Combine(folder, f), overwrite: true);
         }
+    }
+
+    /// <summary>Name of the file next to a trained adapter that records how it was trained (read by merge-adapter).</summary>
+    public const string TrainingInfoName = "lorasharp_training.json";
+
+    void WriteTrainingInfo(string folder)
+    {
+        var info = new JsonObject
+        {
+            ["adapter"] = Config.Adapter, ["base_model"] = Config.BaseModel, ["base_quantization"] = Config.IsQLora ? "nf4-double-quant-64-256" : null,
+            ["bf16"] = Config.Bf16, ["steps"] = _step, ["optimizer"] = Config.Optimizer,
+        };
+        AtomicFile.WriteAllText(Path.Combine(folder, TrainingInfoName), info.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
+    }
+
+    /// <summary>True when an adapter folder's training info says the base was NF4 (QLoRA).</summary>
+    public static bool WasTrainedOnNf4(string adapterPath)
+    {
+        var path = Path.Combine(Directory.Exists(adapterPath) ? adapterPath : Path.GetDirectoryName(Path.GetFullPath(adapterPath))!, TrainingInfoName);
+        if (!File.Exists(path)) return false;
+        try { return JsonNode.Parse(File.ReadAllText(path))?["base_quantization"] is JsonValue v && v.TryGetValue<string>(out var s) && s.StartsWith("nf4", StringComparison.Ordinal); }
+        catch (JsonException) { return false; }
     }
 
     /// <summary>Fills the PEFT config fields the weights do not show (dropout, target list as configured).</summary>
