@@ -85,7 +85,7 @@ public sealed class Nf4Linears : IDisposable
         }
         var old = module.weight;
         module.weight = buffer;
-        if (old is not null && !ReferenceEquals(old, buffer) && !_buffers.ContainsValue(old)) old.Dispose();
+        if (old is not null && !_buffers.Values.Any(b => ReferenceEquals(b, old))) old.Dispose();
         var entry = new Entry(path, module, data, buffer);
         var pre = module.register_forward_pre_hook((m, x) => { Fill(entry); return x; });
         var post = module.register_forward_hook((m, x, y) => y.requires_grad ? RefillBeforeBackward.Apply(y, () => Fill(entry)) : y);
@@ -132,7 +132,7 @@ public sealed class Nf4Linears : IDisposable
         public override List<Tensor> backward(torch.autograd.AutogradContext ctx, Tensor grad)
         {
             ((Action)ctx.get_data("refill"))();
-            return [grad];
+            return [grad, null!]; // one entry per forward argument; the action gets none
         }
     }
 }

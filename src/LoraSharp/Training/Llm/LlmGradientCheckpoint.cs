@@ -70,7 +70,7 @@ public static class LlmGradientCheckpoint
             {
                 torch.random.set_rng_state(current);
             }
-            return [inputGrad];
+            return [inputGrad, null!, null!]; // one entry per forward argument (layer and context get none)
         }
     }
 }
