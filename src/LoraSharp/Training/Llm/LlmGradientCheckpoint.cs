@@ -19,6 +19,10 @@ public static class LlmGradientCheckpoint
     public static Tensor Run(LlamaDecoderLayer layer, Tensor x, LlamaForwardContext ctx)
     {
         if (!torch.is_grad_enabled() || ctx.Cache is not null) return layer.call(x, ctx);
+        // The first layer's input (frozen embeddings) needs no gradient, but the function's output must carry one so
+        // the backward pass reaches the adapters inside: make the input a leaf that requires grad (as HF's
+        // enable_input_require_grads does); its gradient is computed and dropped.
+        if (!x.requires_grad) x = x.detach().requires_grad_(true);
         return CheckpointFunction.apply(x, layer, ctx);
     }
 

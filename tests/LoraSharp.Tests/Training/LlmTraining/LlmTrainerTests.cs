@@ -40,6 +40,14 @@ public class LlmTrainerTests(ITestOutputHelper output)
         {extra}
         """;
 
+    /// <summary>Tiny models run faster on one libtorch thread (no OpenMP spinning on a shared 2-core machine).</summary>
+    sealed class OneThread : IDisposable
+    {
+        readonly int _saved = torch.get_num_threads();
+        public OneThread() => torch.set_num_threads(1);
+        public void Dispose() => torch.set_num_threads(_saved);
+    }
+
     static LlmTrainer Trainer(TempDir dir, string yaml, string name = "config.yaml")
     {
         File.WriteAllText(dir.File(name), yaml);
@@ -54,6 +62,7 @@ public class LlmTrainerTests(ITestOutputHelper output)
     [InlineData("optimizer: adamw_8bit")]
     public void Twenty_steps_equal_ten_then_resume_then_ten_bit_for_bit(string optimizer)
     {
+        using var oneThread = new OneThread();
         using var dir = new TempDir();
         WriteData(dir);
         var yaml = Yaml(optimizer + "\nmax_steps: 20\nsave_steps: 10\nval_set_size: 2\neval_steps: 10");
@@ -129,9 +138,10 @@ public class LlmTrainerTests(ITestOutputHelper output)
     [Fact]
     public void Qlora_with_bf16_8bit_adam_and_checkpointing_lowers_the_loss_and_writes_a_peft_adapter()
     {
+        using var oneThread = new OneThread();
         using var dir = new TempDir();
         WriteData(dir);
-        using var t = Trainer(dir, Yaml("max_steps: 30\ngradient_checkpointing: true\nbf16: true\noptimizer: adamw_8bit\nlora_target_linear: true", "qlora")
+        using var t = Trainer(dir, Yaml("max_steps: 16\ngradient_checkpointing: true\nbf16: true\noptimizer: adamw_8bit\nlora_target_linear: true", "qlora")
             .Replace("lora_target_modules: [q_proj, v_proj, down_proj]\n", ""));
         var r = t.Train();
         double first = r.LossHistory.Take(3).Average(h => h.Loss), last = r.LossHistory.TakeLast(3).Average(h => h.Loss);
@@ -147,6 +157,7 @@ public class LlmTrainerTests(ITestOutputHelper output)
     [Fact]
     public void Many_training_steps_keep_memory_flat()
     {
+        using var oneThread = new OneThread();
         using var dir = new TempDir();
         WriteData(dir);
         using var t = Trainer(dir, Yaml("max_steps: 120\nsample_packing: false").Replace("sample_packing: true\n", ""));
