@@ -5,6 +5,7 @@ var benchmarks = new Dictionary<string, (string Description, Func<string[], int>
     ["io"] = ("tensor file loading vs a plain sequential read (safetensors and torch .ckpt, ~1 GB each)", LoraSharp.Bench.IoBenchmark.Run),
     ["adapters"] = ("LoRA r=16 overhead: train step unmerged vs base, merged inference vs base, merge+unmerge of 100 layers", LoraSharp.Bench.AdaptersBenchmark.Run),
     ["llama"] = ("LLaMA prefill and decode tokens/s, ~110M-parameter random model, float32 and bfloat16", LoraSharp.Bench.LlamaBenchmark.Run),
+    ["llm-train"] = ("LLM training step time, tokens/s and peak RSS: full fine-tuning vs LoRA vs QLoRA on a ~110M Llama", LoraSharp.Bench.LlmTrainBenchmark.Run),
 };
 
 if (args.Length == 0 || !benchmarks.TryGetValue(args[0], out var bench))
