@@ -5,6 +5,7 @@ using TorchSharp;
 namespace LoraSharp.Tests.Training.LlmTraining;
 
 /// <summary>train-llm, generate-text and merge-adapter run in-process through the real root command.</summary>
+[Collection(TorchGlobalStateCollection.Name)]
 public class LlmCommandTests
 {
     static int Run(params string[] args) =>

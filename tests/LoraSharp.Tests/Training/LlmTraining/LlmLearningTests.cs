@@ -13,6 +13,7 @@ namespace LoraSharp.Tests.Training.LlmTraining;
 /// QLoRA) adapter learns a shifted mapping; greedy exact-match accuracy must rise from ~0 to ≥ 90% with the base
 /// weights unchanged.
 /// </summary>
+[Collection(TorchGlobalStateCollection.Name)]
 public class LlmLearningTests(ITestOutputHelper output)
 {
     static readonly string[] Words =

@@ -9,6 +9,7 @@ using Xunit.Abstractions;
 
 namespace LoraSharp.Tests.Training.LlmTraining;
 
+[Collection(TorchGlobalStateCollection.Name)]
 public class LlmTrainerTests(ITestOutputHelper output)
 {
     static string WriteData(TempDir dir)
