@@ -12,13 +12,13 @@ namespace LoraSharp.Bench;
 /// Training step time, tokens/s and peak RSS of full fine-tuning, LoRA (r=16, all linears) and QLoRA (NF4 base, r=16)
 /// on a generated ~110M-parameter Llama (hidden 768, 12 layers, MLP 2048, vocab 32000, tied embeddings), float32,
 /// micro-batch 1 × 256 tokens, AdamW. Each mode runs in its own child process so its peak RSS (VmHWM) is its own.
-/// Options: --steps N (timed steps after one warm-up step, default 3), --seq N (default 256), --bf16.
+/// Options: --steps N (timed steps after one warm-up step, default 3), --seq N (default 256), --bf16, --threads N.
 /// </summary>
 public static class LlmTrainBenchmark
 {
     public static int Run(string[] args)
     {
-        int steps = 3, seq = 256;
+        int steps = 3, seq = 256, threads = 0;
         bool bf16 = false, child = false;
         string? mode = null, dir = null;
         for (int i = 0; i < args.Length; i++)
@@ -28,10 +28,12 @@ public static class LlmTrainBenchmark
                 case "--steps": steps = int.Parse(args[++i], CultureInfo.InvariantCulture); break;
                 case "--seq": seq = int.Parse(args[++i], CultureInfo.InvariantCulture); break;
                 case "--bf16": bf16 = true; break;
+                case "--threads": threads = int.Parse(args[++i], CultureInfo.InvariantCulture); break;
                 case "--child": child = true; mode = args[++i]; dir = args[++i]; break;
-                default: Console.Error.WriteLine($"unknown option {args[i]} (--steps N, --seq N, --bf16)"); return 2;
+                default: Console.Error.WriteLine($"unknown option {args[i]} (--steps N, --seq N, --bf16, --threads N)"); return 2;
             }
         }
+        if (threads > 0) set_num_threads(threads);
         if (child) return Child(mode!, dir!, steps, seq, bf16);
 
         var work = Directory.CreateTempSubdirectory("lorasharp-llm-bench-").FullName;
@@ -46,6 +48,7 @@ public static class LlmTrainBenchmark
                 foreach (var a in new[] { "llm-train", "--child", m, work, "--steps", steps.ToString(CultureInfo.InvariantCulture), "--seq", seq.ToString(CultureInfo.InvariantCulture) })
                     psi.ArgumentList.Add(a);
                 if (bf16) psi.ArgumentList.Add("--bf16");
+                if (threads > 0) { psi.ArgumentList.Add("--threads"); psi.ArgumentList.Add(threads.ToString(CultureInfo.InvariantCulture)); }
                 using var p = Process.Start(psi)!;
                 string? last = null;
                 while (p.StandardOutput.ReadLine() is { } line) { Console.WriteLine("  " + line); if (line.StartsWith('{')) last = line; }

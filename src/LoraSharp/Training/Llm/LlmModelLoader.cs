@@ -19,10 +19,9 @@ public sealed class LlmBaseModel : IDisposable
         get
         {
             var shared = Quantized is null ? new HashSet<string>() : Quantized.Paths.Select(p => p + ".weight").ToHashSet();
-            var seen = new HashSet<IntPtr>();
             long bytes = Quantized?.StorageBytes ?? 0;
-            foreach (var (name, p) in Model.named_parameters())
-                if (!shared.Contains(name) && seen.Add(p.Handle)) bytes += p.numel() * p.element_size();
+            foreach (var (name, p) in DistinctParameters(Model))
+                if (!shared.Contains(name)) bytes += p.numel() * p.element_size();
             return bytes;
         }
     }
@@ -33,13 +32,19 @@ public sealed class LlmBaseModel : IDisposable
         get
         {
             var shared = Quantized is null ? new HashSet<string>() : Quantized.Paths.Select(p => p + ".weight").ToHashSet();
-            var seen = new HashSet<IntPtr>();
             long n = Quantized?.QuantizedParameters ?? 0;
-            foreach (var (name, p) in Model.named_parameters())
-                if (!shared.Contains(name) && seen.Add(p.Handle)) n += p.numel();
+            foreach (var (name, p) in DistinctParameters(Model))
+                if (!shared.Contains(name)) n += p.numel();
             return n;
         }
     }
+
+    /// <summary>
+    /// The model's parameters with tied ones once: with tied embeddings lm_head.weight is another wrapper of
+    /// model.embed_tokens.weight (different handles, same tensor) and is left out, as HF checkpoints do.
+    /// </summary>
+    public static IEnumerable<(string Name, TorchSharp.Modules.Parameter Param)> DistinctParameters(LlamaForCausalLM model) =>
+        model.named_parameters().Where(p => !(model.Config.TieWordEmbeddings && p.name == "lm_head.weight")).Select(p => (p.name, p.parameter));
 
     public void Dispose()
     {

@@ -117,11 +117,9 @@ public sealed class LlmTrainer : IDisposable
             torch.manual_seed(config.Seed);
             if (config.IsFullFineTune)
             {
-                var seen = new HashSet<IntPtr>();
                 _trainable = [];
-                foreach (var (name, p) in Model.named_parameters())
+                foreach (var (name, p) in LlmBaseModel.DistinctParameters(Model))
                 {
-                    if (!seen.Add(p.Handle)) continue;
                     p.requires_grad = true;
                     _trainable.Add((name, p));
                 }
