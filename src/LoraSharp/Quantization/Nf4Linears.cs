@@ -61,10 +61,10 @@ public sealed class Nf4Linears : IDisposable
         {
             if (module is not Linear lin || !select(path)) continue;
             var w = lin.weight ?? throw new ArgumentException($"Linear '{path}' has no weight");
-            float[] values;
+            Nf4Tensor q;
             using (var f = w.detach().to_type(ScalarType.Float32).contiguous())
-                values = f.data<float>().ToArray();
-            set.Add(path, lin, Nf4.Quantize(values, [lin.out_features, lin.in_features]), w.dtype);
+                q = Nf4.Quantize(MemoryMarshal.Cast<byte, float>(f.bytes), [lin.out_features, lin.in_features]);
+            set.Add(path, lin, q, w.dtype);
         }
         return set;
     }

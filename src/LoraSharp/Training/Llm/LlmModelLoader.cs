@@ -88,14 +88,16 @@ public static class LlmModelLoader
                     if (key.EndsWith(".rotary_emb.inv_freq", StringComparison.Ordinal) || (config.TieWordEmbeddings && key == "lm_head.weight")) continue;
                     if (linears.TryGetValue(key, out var lin))
                     {
-                        float[] values;
+                        Nf4Tensor q;
                         using (var t = source.Load(key, ScalarType.Float32))
                         {
                             if (!t.shape.SequenceEqual(new[] { lin.Item2.out_features, lin.Item2.in_features }))
                                 throw new LoraSharpException($"shape [{string.Join(", ", t.shape)}] does not fit Linear({lin.Item2.in_features}→{lin.Item2.out_features})", file, key);
-                            values = t.contiguous().data<float>().ToArray();
+                            using var c = t.contiguous();
+                            // Quantize straight from the tensor's memory: no managed copy of the fp32 weight.
+                            q = Nf4.Quantize(System.Runtime.InteropServices.MemoryMarshal.Cast<byte, float>(c.bytes), [lin.Item2.out_features, lin.Item2.in_features]);
                         }
-                        nf4.Add(lin.Item1, lin.Item2, Nf4.Quantize(values, [lin.Item2.out_features, lin.Item2.in_features]), dtype);
+                        nf4.Add(lin.Item1, lin.Item2, q, dtype);
                         done.Add(key);
                         continue;
                     }
