@@ -12,12 +12,14 @@ public static class TrainLlmCommand
         var config = new Argument<string>("config") { Description = "Axolotl-style YAML config (base_model, datasets, adapter, lora_r, …)." };
         var resume = new Option<bool>("--resume") { Description = "Continue from the newest checkpoint-N under output_dir." };
         var resumeFrom = new Option<string?>("--resume-from") { Description = "Continue from this checkpoint folder." };
+        var threads = new Option<int>("--threads") { Description = "libtorch CPU threads (default: libtorch's choice; 1 is faster for tiny models or busy machines)." };
         var command = new Command("train-llm", "Fine-tune a Llama-family model with LoRA, QLoRA (NF4) or fully, from an Axolotl-style YAML config.")
         {
-            config, resume, resumeFrom,
+            config, resume, resumeFrom, threads,
         };
         command.SetAction(parse => CliErrors.Run(() =>
         {
+            if (parse.GetValue(threads) > 0) TorchSharp.torch.set_num_threads(parse.GetValue(threads));
             var cfg = LlmTrainConfig.Load(parse.GetValue(config)!);
             using var trainer = new LlmTrainer(cfg);
             var from = parse.GetValue(resumeFrom) ?? (parse.GetValue(resume) ? "latest" : null);

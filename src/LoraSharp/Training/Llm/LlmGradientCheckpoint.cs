@@ -43,7 +43,7 @@ public static class LlmGradientCheckpoint
             ctx.save_data("layer", layer);
             ctx.save_data("causal", lctx.CausalMask is not null);
             ctx.save_data("sliding", lctx.SlidingMask is not null);
-            ctx.save_data("rng", torch.random.get_rng_state().DetachFromDisposeScope());
+            using (var rng = torch.random.get_rng_state()) ctx.save_data("rng", rng.bytes.ToArray()); // plain bytes: save_data takes no tensors
             using var noGrad = torch.no_grad();
             return layer.call(x, lctx);
         }
@@ -57,7 +57,7 @@ public static class LlmGradientCheckpoint
             var causal = hasCausal ? saved[k++] : null;
             var sliding = hasSliding ? saved[k] : null;
             var lctx = new LlamaForwardContext { Cos = saved[1], Sin = saved[2], CausalMask = causal, SlidingMask = sliding, Cache = null };
-            using var rng = (Tensor)ctx.get_data("rng");
+            using var rng = torch.tensor((byte[])ctx.get_data("rng"), dtype: ScalarType.Byte);
             using var current = torch.random.get_rng_state();
             torch.random.set_rng_state(rng);
             Tensor inputGrad;
