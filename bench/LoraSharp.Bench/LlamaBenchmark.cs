@@ -81,15 +81,17 @@ public static class LlamaBenchmark
     }
 
     /// <summary>
-    /// The same Linear layers alone (x @ Wᵀ for every weight, <paramref name="tokens"/> rows, <paramref name="repeats"/> times):
+    /// The same Linear layers alone (x @ Wᵀ for every weight, <paramref name="tokens"/> rows (lm_head: one), <paramref name="repeats"/> times):
     /// the matmul work a forward cannot avoid, measured in the same run so the ratio survives a busy machine.
     /// </summary>
     static double MatmulFloor(LlamaForCausalLM model, int tokens, int repeats)
     {
         using var scope = NewDisposeScope();
         using var noGrad = no_grad();
-        var weights = model.LinearModules().Select(m => m.Module.weight!).ToList();
-        var inputs = weights.Select(w => randn([1, tokens, w.shape[1]], dtype: w.dtype)).ToList();
+        // lm_head sees one row per step (Logits(lastOnly: true)); every other Linear sees all the tokens.
+        var linears = model.LinearModules();
+        var weights = linears.Select(m => m.Module.weight!).ToList();
+        var inputs = linears.Select(m => randn([1, m.Path == "lm_head" ? 1 : tokens, m.Module.weight!.shape[1]], dtype: m.Module.weight!.dtype)).ToList();
         var watch = Stopwatch.StartNew();
         for (int r = 0; r < repeats; r++)
             for (int i = 0; i < weights.Count; i++)
@@ -97,34 +99,48 @@ public static class LlamaBenchmark
         return watch.Elapsed.TotalSeconds;
     }
 
+    /// <summary>Per-module times of one forward step (bfloat16, 128 positions, no cache): where time goes.</summary>
     static void Profile()
     {
         var config = LlamaConfig.Parse("""{ "vocab_size": 32000, "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 4, "tie_word_embeddings": true }""");
-        using var model = new LlamaForCausalLM(config, ScalarType.Float32, CPU, WeightInit.Random);
-        using var noGrad = no_grad();
-        using var scope = NewDisposeScope();
-        var x = randn(1, 1, 768);
-        var ids = tensor(new long[] { 5 }).unsqueeze(0);
-        void Time(string name, Action a) { a(); var w = Stopwatch.StartNew(); for (int i = 0; i < 20; i++) a(); Console.WriteLine($"{name,-20} {w.Elapsed.TotalMilliseconds / 20:F2} ms"); }
-        var ctxCos = model.Model.Rotary.CosSin(0, 1, ScalarType.Float32, CPU);
-        var ctx = new LlamaForwardContext { Cos = ctxCos.Cos, Sin = ctxCos.Sin };
-        Time("embed", () => model.Model.EmbedTokens.call(ids));
-        Time("norm", () => model.Model.Norm.call(x));
-        Time("q_proj", () => model.Model.Layers[0].SelfAttention.QProj.call(x));
-        Time("attention", () => model.Model.Layers[0].SelfAttention.call(x, ctx));
-        Time("mlp", () => model.Model.Layers[0].Mlp.call(x));
-        Time("layer", () => model.Model.Layers[0].call(x, ctx));
-        Time("lm_head", () => model.LmHead.call(x));
-        var q = randn(1, 12, 1, 64); var k = randn(1, 4, 1, 64);
-        Time("rotary", () => RotaryEmbedding.Apply(q, ctx.Cos, ctx.Sin));
-        Time("repeat_interleave", () => k.repeat_interleave(3, dim: 1));
-        var kk = k.repeat_interleave(3, dim: 1);
-        Time("sdpa", () => nn.functional.scaled_dot_product_attention(q, kk, kk));
-        Time("sdpa causal", () => nn.functional.scaled_dot_product_attention(q, kk, kk, is_casual: true));
-        var q8 = randn(1, 12, 8, 64);
-        Time("sdpa 8 causal", () => nn.functional.scaled_dot_product_attention(q8, q8, q8, is_casual: true));
-        Time("manual attn", () => torch.softmax(q.matmul(kk.transpose(-2, -1)) / 8.0, -1).matmul(kk));
-        Time("whole (no cache)", () => model.Logits(ids, null, lastOnly: true));
+        foreach (var dtype in new[] { ScalarType.Float32, ScalarType.BFloat16 })
+        {
+            using var model = new LlamaForCausalLM(config, dtype, CPU, WeightInit.Random);
+            using var noGrad = no_grad();
+            using var scope = NewDisposeScope();
+            const int seq = 128;
+            var x = randn([1, seq, 768], dtype: dtype);
+            var ids = randint(0, 32000, [1, seq], dtype: ScalarType.Int64);
+            void Time(string name, Action a)
+            {
+                a();
+                var w = Stopwatch.StartNew();
+                for (int i = 0; i < 5; i++) using (NewDisposeScope()) a();
+                Console.WriteLine($"{dtype,-9} {name,-22} {w.Elapsed.TotalMilliseconds / 5,8:F2} ms");
+            }
+            var (cos, sin) = model.Model.Rotary.CosSin(0, seq, dtype, CPU);
+            var ctx = new LlamaForwardContext { Cos = cos, Sin = sin };
+            var layer = model.Model.Layers[0];
+            var q = randn([1, 12, seq, 64], dtype: dtype);
+            Time("input_layernorm", () => layer.InputLayerNorm.call(x));
+            Time("self_attn", () => layer.SelfAttention.call(x, ctx));
+            Time("  q/k/v/o proj", () => { layer.SelfAttention.QProj.call(x); layer.SelfAttention.KProj.call(x); layer.SelfAttention.VProj.call(x); layer.SelfAttention.OProj.call(x); });
+            Time("  rope (q)", () => RotaryEmbedding.Apply(q, cos, sin));
+            Time("  sdpa causal", () => nn.functional.scaled_dot_product_attention(q, q, q, is_casual: true));
+            Time("mlp", () => layer.Mlp.call(x));
+            Time("decoder layer", () => layer.call(x, ctx));
+            var x1 = randn([1, 1, 768], dtype: dtype);
+            Time("lm_head (fresh x)", () => model.LmHead.call(x1));
+            Time("lm_head (last)", () => model.LmHead.call(x.narrow(1, seq - 1, 1)));
+            Time("lm_head (last, copy)", () => model.LmHead.call(x.narrow(1, seq - 1, 1).contiguous().clone()));
+            Time("lm_head (fresh x)", () => model.LmHead.call(x1));
+            var x2 = x.narrow(1, seq - 1, 1).clone();
+            Console.WriteLine($"x1 {x1.abs().max().to_type(ScalarType.Float32).item<float>()} x2 {x2.abs().max().to_type(ScalarType.Float32).item<float>()} strides {string.Join(",", x2.stride())}");
+            Time("linear 2D", () => nn.functional.linear(x1.view(1, 768), model.LmHead.weight!));
+            Time("matmul W^T", () => x1.view(1, 768).matmul(model.LmHead.weight!.t()));
+            Time("mv", () => model.LmHead.weight!.mv(x1.view(768)));
+            Time("whole forward (last)", () => model.Logits(ids, null, lastOnly: true));
+        }
     }
 
     static double Median(IEnumerable<double> values)

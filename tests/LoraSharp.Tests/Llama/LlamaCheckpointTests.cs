@@ -52,6 +52,28 @@ public class LlamaCheckpointTests
     }
 
     [Fact]
+    public void Reads_split_into_many_chunks_give_the_same_weights()
+    {
+        using var dir = new TempDir();
+        using var original = WriteFolder(dir.Path);
+        var saved = LlamaCheckpoint.ReadChunkBytes;
+        LlamaCheckpoint.ReadChunkBytes = 1000; // 250 floats: chunk boundaries inside every tensor
+        try
+        {
+            using var same = LlamaCheckpoint.Load(dir.Path);
+            using var converted = LlamaCheckpoint.Load(dir.Path, ScalarType.BFloat16);
+            Assert.Equal(0f, MaxLogitDiff(original, same));
+            using var scope = NewDisposeScope();
+            foreach (var ((name, expected), (_, actual)) in original.named_parameters().Zip(converted.named_parameters()))
+                Assert.True((expected.to_type(ScalarType.BFloat16) - actual).abs().max().to_type(ScalarType.Float32).item<float>() == 0, name);
+        }
+        finally
+        {
+            LlamaCheckpoint.ReadChunkBytes = saved;
+        }
+    }
+
+    [Fact]
     public void Sharded_checkpoint_loads_through_its_index()
     {
         using var dir = new TempDir();

@@ -90,3 +90,21 @@ public class LlamaGeneratorTests
         Assert.Throws<ArgumentException>(() => LlamaGenerator.Generate(model, [], null));
     }
 }
+
+public class LlamaTextGenerationTests
+{
+    [Fact]
+    public void Completion_streams_the_decoded_text_of_the_greedy_tokens()
+    {
+        var folder = LoraSharp.Tests.Infrastructure.ReferenceData.PathOf("llm", "model");
+        using var model = LlamaCheckpoint.Load(folder);
+        var tokenizer = new LoraSharp.Text.LlmTokenizer(LoraSharp.Text.SentencePieceTokenizer.Load(Path.Combine(folder, "tokenizer.model")),
+            new LoraSharp.Text.TokenizerSettings());
+        var options = new GenerationOptions { MaxNewTokens = 8 };
+        var text = string.Concat(LlamaGenerator.CompleteText(model, tokenizer, "The licence", options));
+        var ids = LlamaGenerator.GenerateAll(model, tokenizer.Encode("The licence"), options with { StopTokens = tokenizer.StopTokenIds });
+        Assert.Equal(1, tokenizer.Encode("x")[0]); // BOS first
+        Assert.Equal(tokenizer.Decode(ids), text);
+        Assert.NotEmpty(text);
+    }
+}

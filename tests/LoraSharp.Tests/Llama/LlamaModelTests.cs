@@ -188,3 +188,95 @@ public class LlamaModelTests
         Assert.Equal(before, Live());
     }
 }
+
+public class LlamaTrainingPathTests
+{
+    [Fact]
+    public void Gradients_reach_a_trainable_parameter_added_by_a_forward_hook_and_base_weights_stay_frozen()
+    {
+        using var model = new LlamaForCausalLM(LlamaModelTests.Tiny(), ScalarType.Float32, CPU, WeightInit.Random, 0.2, new Generator(2));
+        using var delta = zeros(32, requires_grad: true);
+        var remover = model.Model.Layers[0].SelfAttention.VProj.register_forward_hook((_, _, output) => output + delta.narrow(0, 0, output.shape[^1]));
+        using (var scope = NewDisposeScope())
+        {
+            var ids = randint(0, 97, [2, 6], dtype: ScalarType.Int64, generator: new Generator(1));
+            var logits = model.call(ids, null);
+            var loss = nn.functional.cross_entropy(logits.narrow(1, 0, 5).reshape(-1, 97), ids.narrow(1, 1, 5).reshape(-1));
+            loss.backward();
+        }
+        remover.remove();
+        Assert.NotNull(delta.grad);
+        Assert.True(delta.grad!.abs().sum().item<float>() > 0);
+        Assert.All(model.parameters(), p => Assert.False(p.requires_grad));
+    }
+
+    [Fact]
+    public void Float16_model_runs_on_cpu()
+    {
+        using var model = new LlamaForCausalLM(LlamaModelTests.Tiny(), ScalarType.Float16, CPU, WeightInit.Random, 0.2, new Generator(2));
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        var logits = model.call(tensor(new long[] { 1, 2, 3 }).unsqueeze(0), null);
+        Assert.Equal(ScalarType.Float16, logits.dtype);
+        Assert.True(logits.isfinite().all().item<bool>());
+    }
+}
+
+public class LlamaPaddingTests
+{
+    static float MaxDiff(Tensor a, Tensor b) => (a - b).abs().max().item<float>();
+
+    [Theory]
+    [InlineData("")]
+    [InlineData(", \"sliding_window\": 3")]
+    public void Left_and_right_padded_rows_match_their_unpadded_logits(string extra)
+    {
+        using var model = new LlamaForCausalLM(LlamaModelTests.Tiny(extra), ScalarType.Float32, CPU, WeightInit.Random, 0.2, new Generator(4));
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        var shortRow = tensor(new long[] { 5, 6, 7, 8 }).unsqueeze(0);
+        var longRow = tensor(new long[] { 9, 10, 11, 12, 13, 14 }).unsqueeze(0);
+        var expectedShort = model.call(shortRow, null);
+        var expectedLong = model.call(longRow, null);
+
+        // row 0 left-padded, row 1 full
+        var left = cat([tensor(new long[] { 0, 0, 5, 6, 7, 8 }).unsqueeze(0), longRow], 0);
+        var leftMask = tensor(new long[] { 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1 }).view(2, 6);
+        var logits = model.Logits(left, null, attentionMask: leftMask);
+        Assert.True(MaxDiff(logits[0].narrow(0, 2, 4), expectedShort[0]) < 1e-5);
+        Assert.True(MaxDiff(logits[1], expectedLong[0]) < 1e-5);
+        Assert.True(logits.isfinite().all().item<bool>());
+
+        // row 0 right-padded
+        var right = cat([tensor(new long[] { 5, 6, 7, 8, 0, 0 }).unsqueeze(0), longRow], 0);
+        var rightMask = tensor(new long[] { 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1 }).view(2, 6);
+        logits = model.Logits(right, null, attentionMask: rightMask);
+        Assert.True(MaxDiff(logits[0].narrow(0, 0, 4), expectedShort[0]) < 1e-5);
+        Assert.True(MaxDiff(logits[1], expectedLong[0]) < 1e-5);
+    }
+
+    [Fact]
+    public void Padded_batch_decodes_with_the_cache_like_the_unpadded_row()
+    {
+        using var model = new LlamaForCausalLM(LlamaModelTests.Tiny(), ScalarType.Float32, CPU, WeightInit.Random, 0.2, new Generator(4));
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        var expected = model.call(tensor(new long[] { 5, 6, 7, 8, 20 }).unsqueeze(0), null)[0, -1];
+        using var cache = model.NewCache();
+        var prompt = cat([tensor(new long[] { 0, 5, 6, 7, 8 }).unsqueeze(0), tensor(new long[] { 1, 2, 3, 4, 5 }).unsqueeze(0)], 0);
+        var mask = tensor(new long[] { 0, 1, 1, 1, 1, 1, 1, 1, 1, 1 }).view(2, 5);
+        model.Logits(prompt, cache, lastOnly: true, attentionMask: mask);
+        var step = tensor(new long[] { 20, 6 }).view(2, 1);
+        var stepMask = cat([mask, ones(2, 1, dtype: ScalarType.Int64)], 1);
+        var next = model.Logits(step, cache, lastOnly: true, attentionMask: stepMask);
+        Assert.True(MaxDiff(next[0, 0], expected) < 1e-5);
+    }
+
+    [Fact]
+    public void Mask_of_the_wrong_shape_is_rejected()
+    {
+        using var model = new LlamaForCausalLM(LlamaModelTests.Tiny(), ScalarType.Float32, CPU, WeightInit.Random);
+        using var scope = NewDisposeScope();
+        Assert.Throws<ArgumentException>(() => model.Logits(tensor(new long[] { 1, 2, 3 }).unsqueeze(0), null, attentionMask: ones(1, 4, dtype: ScalarType.Int64)));
+    }
+}

@@ -12,7 +12,10 @@ public sealed class LlamaForwardContext
 {
     public required Tensor Cos { get; init; }
     public required Tensor Sin { get; init; }
-    /// <summary>Boolean mask <c>[new, past+new]</c> (true = may attend) for full-causal layers; null = plain causal within the call.</summary>
+    /// <summary>
+    /// Boolean mask <c>[new, past+new]</c> or, with padding, <c>[batch, 1, new, past+new]</c> (true = may attend) for
+    /// full-causal layers; null = plain causal within the call.
+    /// </summary>
     public Tensor? CausalMask { get; init; }
     /// <summary>Boolean mask for sliding-window layers; null when the model has none.</summary>
     public Tensor? SlidingMask { get; init; }

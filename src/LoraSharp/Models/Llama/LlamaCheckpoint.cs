@@ -19,14 +19,19 @@ public sealed record LlamaLoadReport(
 {
     public bool IsComplete => Missing.Count == 0 && Unexpected.Count == 0 && Mismatched.Count == 0;
 
-    public override string ToString()
+    public override string ToString() => string.Join("; ", [$"{Loaded.Count} loaded", .. ProblemList()]);
+
+    /// <summary>The missing, unexpected and mis-shaped keys (at most 20 named per kind), for error messages.</summary>
+    public string Problems() => string.Join("; ", ProblemList());
+
+    List<string> ProblemList()
     {
         static string List(IEnumerable<string> items) { var a = items.ToList(); return string.Join(", ", a.Take(20)) + (a.Count > 20 ? $", ... ({a.Count} in all)" : ""); }
-        var parts = new List<string> { $"{Loaded.Count} loaded" };
+        var parts = new List<string>();
         if (Missing.Count > 0) parts.Add($"{Missing.Count} missing: {List(Missing)}");
         if (Unexpected.Count > 0) parts.Add($"{Unexpected.Count} unexpected: {List(Unexpected)}");
         if (Mismatched.Count > 0) parts.Add($"{Mismatched.Count} with wrong shape: {List(Mismatched.Select(m => m.ToString()))}");
-        return string.Join("; ", parts);
+        return parts;
     }
 }
 
@@ -157,7 +162,7 @@ public static class LlamaCheckpoint
         var missing = parameters.Keys.Where(k => !seen.Contains(k) && !(tied && k == "lm_head.weight")).ToList();
         var report = new LlamaLoadReport(loaded, missing, unexpected, mismatched);
         if (strict && !report.IsComplete)
-            throw new LoraSharpException("checkpoint does not match the model: " + report,
+            throw new LoraSharpException("checkpoint does not match the model: " + report.Problems(),
                 fileList.Count == 1 ? fileList[0] : Path.GetDirectoryName(fileList.FirstOrDefault() ?? ""));
 
         using var noGrad = torch.no_grad();
@@ -196,6 +201,9 @@ public static class LlamaCheckpoint
         SafetensorsWriter.Write(path, tensors, metadata ?? new Dictionary<string, string> { ["format"] = "pt" });
     }
 
+    /// <summary>Bytes read per positional read (and the conversion buffer size); tests lower it to cross chunk boundaries.</summary>
+    internal static long ReadChunkBytes { get; set; } = 1L << 26;
+
     /// <summary>
     /// CPU parameter and a dtype TorchSharp has: read the stored bytes with positioned file reads straight into the
     /// parameter's memory (same dtype), or through one reused 64 MB buffer converted chunk by chunk (other dtype).
@@ -210,7 +218,7 @@ public static class LlamaCheckpoint
         long elementSize = SafetensorsDType.ElementSize(info.DType), count = parameter.numel();
         if (count * elementSize != info.ByteLength || count == 0) return false;
         long offset = source.DataOffset(key);
-        long chunk = (1L << 26) / elementSize;
+        long chunk = Math.Max(1, ReadChunkBytes / elementSize);
         using var flat = parameter.view(-1);
         using var buffer = stored == parameter.dtype ? null : torch.empty(Math.Min(chunk, count), dtype: stored.Value);
         for (long start = 0; start < count; start += chunk)

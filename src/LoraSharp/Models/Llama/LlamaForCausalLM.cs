@@ -47,20 +47,33 @@ public sealed class LlamaForCausalLM : nn.Module<Tensor, KvCache?, Tensor>
 
     /// <summary>
     /// Logits for <paramref name="inputIds"/>; <paramref name="lastOnly"/> applies lm_head to the last position only
-    /// (<c>[batch, 1, vocab]</c>), what generation needs.
+    /// (<c>[batch, 1, vocab]</c>), what generation needs. <paramref name="attentionMask"/>: HF attention_mask
+    /// <c>[batch, past+seq]</c> (1 real, 0 padding) for padded batches; see <see cref="LlamaModel.forward"/>.
     /// </summary>
-    /// <param name="positionIds">Optional RoPE positions <c>[batch, seq]</c> (no cache); see <see cref="LlamaModel.Forward"/>.</param>
-    /// <param name="attentionMask">Optional boolean <c>[batch, seq, seq]</c> mask replacing the causal one (no cache).</param>
-    public Tensor Logits(Tensor inputIds, KvCache? cache = null, bool lastOnly = false, Tensor? positionIds = null, Tensor? attentionMask = null)
+    public Tensor Logits(Tensor inputIds, KvCache? cache = null, bool lastOnly = false, Tensor? attentionMask = null)
     {
         if (inputIds.dim() != 2)
             throw new ArgumentException($"input ids must be [batch, seq], got [{string.Join(", ", inputIds.shape)}]", nameof(inputIds));
         using var scope = NewDisposeScope();
-        var hidden = positionIds is null && attentionMask is null
-            ? Model.call(inputIds.to(Device), cache)
-            : Model.Forward(inputIds.to(Device), cache, positionIds, attentionMask);
+        var hidden = Model.call(inputIds.to(Device), cache, attentionMask);
         if (lastOnly)
-            hidden = hidden.narrow(1, hidden.shape[1] - 1, 1);
+        {
+            // Copied into fresh [batch, 1, hidden] storage: the narrowed view keeps the batch stride of the whole
+            // sequence, and libtorch's bf16 matmul takes a ~20x slower path for that layout (measured).
+            var last = torch.empty([hidden.shape[0], 1, hidden.shape[2]], dtype: hidden.dtype, device: hidden.device);
+            hidden = last.copy_(hidden.narrow(1, hidden.shape[1] - 1, 1));
+        }
+        return LmHead.call(hidden).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>
+    /// Logits <c>[batch, seq, vocab]</c> for packed rows: per-token RoPE <paramref name="positionIds"/> and a boolean
+    /// <paramref name="sampleMask"/> <c>[batch, seq, seq]</c> (see <see cref="LlamaModel.ForwardPacked"/>).
+    /// </summary>
+    public Tensor LogitsPacked(Tensor inputIds, Tensor positionIds, Tensor sampleMask)
+    {
+        using var scope = NewDisposeScope();
+        var hidden = Model.ForwardPacked(inputIds.to(Device), positionIds, sampleMask);
         return LmHead.call(hidden).MoveToOuterDisposeScope();
     }
 

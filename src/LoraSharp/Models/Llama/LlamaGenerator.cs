@@ -1,3 +1,4 @@
+using LoraSharp.Text;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -29,6 +30,30 @@ public static class LlamaGenerator
             onToken?.Invoke(token);
         }
         return result;
+    }
+
+    /// <summary>
+    /// Streams the reply to a conversation as text pieces: the messages are rendered with the tokenizer's chat format
+    /// (or <paramref name="format"/>), and generation stops at the tokenizer's stop tokens unless the options name others.
+    /// </summary>
+    public static IEnumerable<string> ChatText(LlamaForCausalLM model, LlmTokenizer tokenizer, IReadOnlyList<ChatMessage> messages,
+        GenerationOptions? options = null, ChatFormat? format = null) =>
+        StreamText(model, tokenizer, tokenizer.EncodeChat(messages, addGenerationPrompt: true, format), options);
+
+    /// <summary>Streams the continuation of <paramref name="prompt"/> (encoded with the tokenizer's BOS setting) as text pieces.</summary>
+    public static IEnumerable<string> CompleteText(LlamaForCausalLM model, LlmTokenizer tokenizer, string prompt, GenerationOptions? options = null) =>
+        StreamText(model, tokenizer, tokenizer.Encode(prompt), options);
+
+    static IEnumerable<string> StreamText(LlamaForCausalLM model, LlmTokenizer tokenizer, IReadOnlyList<int> prompt, GenerationOptions? options)
+    {
+        options ??= new GenerationOptions();
+        if (options.StopTokens.Count == 0) options = options with { StopTokens = tokenizer.StopTokenIds };
+        var streamer = new TextStreamer(tokenizer.Tokenizer);
+        foreach (var token in Generate(model, prompt, options))
+        {
+            var piece = streamer.Push(token);
+            if (piece.Length > 0) yield return piece;
+        }
     }
 
     static IEnumerable<int> Run(LlamaForCausalLM model, IReadOnlyList<int> prompt, GenerationOptions options)

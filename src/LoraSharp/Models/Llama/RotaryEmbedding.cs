@@ -67,14 +67,13 @@ public sealed class RotaryEmbedding(LlamaConfig config)
     }
 
     /// <summary>
-    /// cos and sin, each <c>[batch, 1, seq, head_dim]</c> (broadcast over heads), for explicit positions
-    /// <paramref name="positions"/> <c>[batch, seq]</c> (int64), in <paramref name="dtype"/>.
+    /// cos and sin, each <c>[batch, 1, seq, head_dim]</c> (broadcasting over heads), for per-row positions
+    /// <paramref name="positions"/> <c>[batch, seq]</c> (int64); <paramref name="sequenceLength"/> drives dynamic scaling.
     /// </summary>
-    public (Tensor Cos, Tensor Sin) CosSin(Tensor positions, ScalarType dtype)
+    public (Tensor Cos, Tensor Sin) CosSin(Tensor positions, long sequenceLength, ScalarType dtype)
     {
         using var scope = NewDisposeScope();
-        long maxPos = positions.numel() == 0 ? 0 : positions.max().item<long>();
-        var inv = torch.tensor(InverseFrequencies(maxPos + 1), device: positions.device);
+        var inv = torch.tensor(InverseFrequencies(sequenceLength), device: positions.device);
         var freqs = positions.to_type(ScalarType.Float32).unsqueeze(-1) * inv;
         var emb = torch.cat([freqs, freqs], dim: -1).unsqueeze(1);
         var cos = emb.cos().to_type(dtype).MoveToOuterDisposeScope();
@@ -92,7 +91,7 @@ public sealed class RotaryEmbedding(LlamaConfig config)
         return torch.cat([x2.neg(), x1], dim: -1).MoveToOuterDisposeScope();
     }
 
-    /// <summary>Rotates <paramref name="x"/> <c>[batch, heads, seq, d]</c> by cos/sin <c>[seq, d]</c>.</summary>
+    /// <summary>Rotates <paramref name="x"/> <c>[batch, heads, seq, d]</c> by cos/sin <c>[seq, d]</c> or <c>[batch, 1, seq, d]</c>.</summary>
     public static Tensor Apply(Tensor x, Tensor cos, Tensor sin)
     {
         using var scope = NewDisposeScope();

@@ -172,7 +172,9 @@ public sealed class LlmTrainer : IDisposable
     Tensor LossSum(LlmBatch batch)
     {
         using var scope = NewDisposeScope();
-        var logits = Model.Logits(batch.InputIds, null, false, batch.PositionIds, batch.AttentionMask);
+        var logits = batch.PositionIds is not null && batch.AttentionMask is not null
+            ? Model.LogitsPacked(batch.InputIds, batch.PositionIds, batch.AttentionMask)
+            : Model.Logits(batch.InputIds);
         long seq = logits.shape[1];
         var shifted = logits.narrow(1, 0, seq - 1).to_type(ScalarType.Float32).reshape(-1, logits.shape[2]);
         var labels = batch.Labels.narrow(1, 1, seq - 1).reshape(-1);

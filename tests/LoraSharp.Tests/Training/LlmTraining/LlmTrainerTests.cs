@@ -127,7 +127,7 @@ public class LlmTrainerTests(ITestOutputHelper output)
         Assert.Equal(-100, rows[0].Labels[5]); // no loss across the sample boundary
         using var batch = LlmData.Collate(rows, 0, packed: true, torch.CPU);
         using var noGrad = torch.no_grad();
-        using var packed = model.Logits(batch.InputIds, null, false, batch.PositionIds, batch.AttentionMask);
+        using var packed = model.LogitsPacked(batch.InputIds, batch.PositionIds!, batch.AttentionMask!);
         foreach (var (s, offset) in new[] { (a, 0), (b, 5) })
         {
             using var alone = model.Logits(torch.tensor(s.InputIds.Select(x => (long)x).ToArray(), [1, s.InputIds.Length]));
