@@ -122,7 +122,10 @@ public class Nf4Tests(ITestOutputHelper output)
             using var host = new LoraSharp.Adapters.AdapterHost(model);
             host.FreezeBase();
             host.Create("a", new LoraSharp.Adapters.AdapterConfig { Rank = 4, Alpha = 8, Init = LoraSharp.Adapters.LoraInit.Gaussian }, LoraSharp.Adapters.ModuleSelector.Glob("model.*"));
-            using (torch.no_grad()) foreach (var p in host.TrainableParameters()) p.normal_(0, 0.1); // up ≠ 0 so every path carries gradient
+            // Same values in both models from a local generator (other tests may use the global one meanwhile);
+            // up ≠ 0 so every path carries gradient.
+            using (var gen = new Generator(5))
+            using (torch.no_grad()) foreach (var p in host.TrainableParameters()) p.normal_(0, 0.1, generator: gen);
             using var ids = torch.tensor(new long[] { 1, 17, 42, 99, 200, 3, 7, 128, 1, 88, 5, 231, 64, 12, 150, 33 }, [2, 8]);
             using var logits = model.Logits(ids);
             using var loss = logits.pow(2).mean();
