@@ -10,6 +10,9 @@ public static class CommandLine
         var root = new RootCommand("LoraSharp: train, load, combine, convert and generate with LoRA adapters.");
         root.Subcommands.Add(Commands.InspectCommand.Create());
         root.Subcommands.Add(Commands.ConvertCommand.Create());
+        root.Subcommands.Add(Commands.PngInfoCommand.Create());
+        root.Subcommands.Add(Commands.GenerateCommand.Create());
+        root.Subcommands.Add(Commands.GridCommand.Create());
         root.Subcommands.Add(Commands.TrainLlmCommand.Create());
         root.Subcommands.Add(Commands.GenerateTextCommand.Create());
         root.Subcommands.Add(Commands.MergeAdapterCommand.Create());

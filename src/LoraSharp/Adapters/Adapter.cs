@@ -168,8 +168,6 @@ public abstract class Adapter : nn.Module
             case DoraKind.None:
             {
                 y = Bypass(xd, training).mul(multiplier);
-                var db = DeltaBias();
-                if (db is not null) y = y.add(P(db).mul(multiplier).reshape(Geometry.OutputBroadcastShape(y.dim())));
                 break;
             }
             case DoraKind.Peft:
@@ -198,6 +196,8 @@ public abstract class Adapter : nn.Module
                 break;
             }
         }
+        var db = DeltaBias();
+        if (db is not null) y = y.add(P(db).mul(multiplier).reshape(Geometry.OutputBroadcastShape(y.dim())));
         if (y.dtype != baseOutput.dtype) y = y.to(baseOutput.dtype);
         return y.MoveToOuterDisposeScope();
     }
@@ -229,7 +229,7 @@ public abstract class Adapter : nn.Module
         return new ModuleAdapterWeights
         {
             ModulePath = ModulePath, Algorithm = Algorithm, Tensors = tensors, Alpha = Alpha, RsLora = RsLora, Convention = Convention,
-            Rank = Algorithm == AdapterAlgorithm.LoKr ? Rank : null,
+            Rank = Algorithm == AdapterAlgorithm.LoKr && Rank > 0 ? (int)Rank : null,
         };
     }
 
@@ -290,17 +290,21 @@ static class LoraBranch
         return LoraMath.Up(h, up, g).mul(scale).MoveToOuterDisposeScope();
     }
 
-    /// <summary>acc + scale·up(h): for Linear one addmm (the GEMM accumulates into a copy of acc), for Conv2d an add with alpha.</summary>
+    /// <summary>acc + scale·up(h): for Linear one addmm (the GEMM accumulates into a copy of acc), for Conv2d an add.</summary>
     public static Tensor AddForward(Tensor acc, Tensor x, Tensor down, Tensor up, Tensor? mid, double scale, LayerGeometry g, AdapterDropout drop, bool training)
     {
         using var scope = NewDisposeScope();
         var h = Hidden(x, down, mid, g, drop, training, ref scale);
         Tensor r;
-        if (g.IsConv) r = acc.add(LoraMath.Up(h, up, g), scale);
+        if (g.IsConv) r = acc.add(LoraMath.Up(h.mul(scale), up, g));
         else
         {
             long o = g.OutFeatures, rank = h.shape[^1];
-            r = addmm(acc.reshape(-1, o), h.reshape(-1, rank), up.reshape(o, rank).t(), 1, (float)scale).reshape(acc.shape);
+            // addmm's alpha is a float32: exact enough below fp64; fp64 scales the small [N, r] activation instead
+            var h2 = h.reshape(-1, rank);
+            float alpha = (float)scale;
+            if (acc.dtype == ScalarType.Float64) { h2 = h2.mul(scale); alpha = 1; }
+            r = addmm(acc.reshape(-1, o), h2, up.reshape(o, rank).t(), 1, alpha).reshape(acc.shape);
         }
         return r.MoveToOuterDisposeScope();
     }

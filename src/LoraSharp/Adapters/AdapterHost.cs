@@ -32,8 +32,8 @@ public sealed record AttachOptions
     public bool Trainable { get; init; }
 }
 
-/// <summary>A module path that was not found, with the closest existing paths.</summary>
-public sealed record UnmatchedModule(string Path, IReadOnlyList<string> ClosestMatches);
+/// <summary>A module path that could not take the adapter (not in the model, or not a Linear/Conv2d), with the closest adaptable paths.</summary>
+public sealed record UnmatchedModule(string Path, IReadOnlyList<string> ClosestMatches, string Reason = "not in the model");
 
 /// <summary>What an attach did: modules that got an adapter, paths not found, adaptable modules left untouched.</summary>
 public sealed record AttachReport(
@@ -44,7 +44,7 @@ public sealed record AttachReport(
 {
     public override string ToString() =>
         $"{Name}: {Attached.Count} module(s) attached, {Unmatched.Count} unmatched, {Untouched.Count} adaptable module(s) untouched"
-        + (Unmatched.Count > 0 ? "; unmatched: " + string.Join(", ", Unmatched.Take(10).Select(u => u.Path)) + (Unmatched.Count > 10 ? ", …" : "") : "");
+        + (Unmatched.Count > 0 ? "; unmatched: " + string.Join(", ", Unmatched.Take(10).Select(u => $"{u.Path} ({u.Reason})")) + (Unmatched.Count > 10 ? ", …" : "") : "");
 }
 
 /// <summary>
@@ -92,9 +92,12 @@ public sealed class AttachedAdapter
     /// <summary>Per-module weight (e.g. LoRA Block Weight), multiplied in; called with the host module path.</summary>
     public Func<string, double>? ModuleWeight { get => _moduleWeight; set { _moduleWeight = value; _host.MarkDirty(this); } }
 
-    /// <summary>Set text-encoder and UNet multipliers by prefix (A1111 te/unet split).</summary>
-    public void SetComponentMultipliers(double textEncoder, double unet, string textEncoderPrefix = "text_encoder.", string unetPrefix = "unet.") =>
-        ComponentMultipliers = new Dictionary<string, double> { [textEncoderPrefix] = textEncoder, [unetPrefix] = unet };
+    /// <summary>
+    /// A1111 &lt;lora:name:te:unet&gt;: the text-encoder multiplier for paths under "text_encoder." and "text_encoder_2."
+    /// (SDXL), the UNet multiplier for "unet." (the component prefixes of LoraSharp's SD models and Formats).
+    /// </summary>
+    public void SetComponentMultipliers(double textEncoder, double unet) =>
+        ComponentMultipliers = new Dictionary<string, double> { ["text_encoder."] = textEncoder, ["text_encoder_2."] = textEncoder, ["unet."] = unet };
 
     /// <summary>The multiplier this adapter has on one module: enabled × m × component × module weight.</summary>
     public double MultiplierFor(string path)
@@ -189,6 +192,21 @@ public sealed class AdapterHost : IDisposable
     public AdapterMode Mode => _mode;
 
     /// <summary>
+    /// Keep each adapter's ΔW (fp32) between merges, so a multiplier change costs one add per adapter (default).
+    /// Off: ΔW is recomputed at every re-merge — for models where an fp32 copy of every adapted weight does not fit.
+    /// </summary>
+    public bool CacheDeltas
+    {
+        get => _cacheDeltas;
+        set
+        {
+            _cacheDeltas = value;
+            if (!value) InvalidateCache();
+        }
+    }
+    bool _cacheDeltas = true;
+
+    /// <summary>
     /// Attach file weights (the Formats contract). Every module path must exist in the tree (with
     /// <see cref="AttachOptions.PathPrefix"/>); an unknown path throws listing the closest paths, or is reported
     /// when <see cref="AttachOptions.Lenient"/>. The weights are copied; the caller may dispose them afterwards.
@@ -215,6 +233,14 @@ public sealed class AdapterHost : IDisposable
                     unmatched.Add(u);
                     continue;
                 }
+                if (module is not (Linear or Conv2d { groups: 1 }))
+                {
+                    var u = new UnmatchedModule(path, ClosestPaths(path), $"is a {module.GetType().Name}, not a Linear or Conv2d (groups 1)");
+                    if (!options.Lenient)
+                        throw new LoraSharpException($"Adapter '{name}': module '{path}' {u.Reason}. Closest adaptable: {string.Join(", ", u.ClosestMatches)}.", key: path);
+                    unmatched.Add(u);
+                    continue;
+                }
                 var slot = SlotFor(path, module);
                 var a = AdapterFactory.FromWeights(Rebased(mw, path), slot.Geometry, options.DType, slot.Weight.device, options.Trainable);
                 a.ComputeDType = options.ComputeDType;
@@ -237,12 +263,13 @@ public sealed class AdapterHost : IDisposable
         CheckNewName(name);
         var paths = _adaptable.Where(selector.Matches).ToList();
         if (paths.Count == 0)
-            throw new ArgumentException($"Adapter '{name}': the selector {selector} matches no Linear/Conv2d module. Some module paths: {string.Join(", ", _adaptable.Take(8))}.");
+            throw new LoraSharpException($"Adapter '{name}': the selector {selector} matches no Linear/Conv2d module. Some module paths: {string.Join(", ", _adaptable.Take(8))}.");
         var built = new List<(Slot, Adapter)>();
         foreach (var p in paths)
         {
             var slot = SlotFor(p, _allModules[p]);
-            built.Add((slot, AdapterFactory.Create(p, slot.Geometry, config, slot.Weight.device, slot.Weight)));
+            // DoRA starts from the original weight, also when other adapters are merged into it right now
+            built.Add((slot, AdapterFactory.Create(p, slot.Geometry, config, slot.Weight.device, slot.BackupWeight ?? slot.Weight)));
         }
         return Register(name, built, multiplier, trainable: true, [], new Dictionary<string, string>());
     }
@@ -419,7 +446,9 @@ public sealed class AdapterHost : IDisposable
         using var scope = NewDisposeScope();
         s.BackupWeight ??= s.Weight.detach().clone().DetachFromDisposeScope();
         if (s.Bias is not null) s.BackupBias ??= s.Bias.detach().clone().DetachFromDisposeScope();
-        var w0 = s.BackupWeight.to(ScalarType.Float32);
+        // fp32 merge arithmetic (fp64 for fp64 weights), one rounding to the weight's dtype at the end
+        var mergeType = s.Weight.dtype == ScalarType.Float64 ? ScalarType.Float64 : ScalarType.Float32;
+        var w0 = s.BackupWeight.to(mergeType);
         Tensor? sumW = null, sumB = null;
         foreach (var (owner, a) in s.Entries)
         {
@@ -428,22 +457,27 @@ public sealed class AdapterHost : IDisposable
             if (!s.DeltaCache.TryGetValue(a, out var delta))
             {
                 var saved = a.ComputeDType;
-                a.ComputeDType = ScalarType.Float32;
-                try { delta = a.DeltaWeight().detach().DetachFromDisposeScope(); } // the cache outlives this scope
+                a.ComputeDType = mergeType;
+                try { delta = a.DeltaWeight().detach(); }
                 finally { a.ComputeDType = saved; }
-                s.DeltaCache[a] = delta;
+                if (CacheDeltas) s.DeltaCache[a] = delta.DetachFromDisposeScope(); // the cache outlives this scope
             }
-            var eff = a.EffectiveDelta(w0, delta, m);
-            sumW = sumW is null ? eff : sumW.add_(eff);
+            if (a.Dora == DoraKind.None)
+                sumW = sumW is null ? w0.add(delta, m) : sumW.add_(delta, m); // W₀ + Σ m·ΔW, one pass per adapter
+            else
+            {
+                var eff = a.EffectiveDelta(w0, delta, m);
+                sumW = sumW is null ? w0.add(eff) : sumW.add_(eff);
+            }
             var db = a.DeltaBias();
             if (db is not null)
             {
-                var e = db.to(ScalarType.Float32).mul(m);
+                var e = db.to(mergeType).mul(m);
                 sumB = sumB is null ? e : sumB.add_(e);
             }
         }
-        s.Weight.copy_(sumW is null ? s.BackupWeight : w0.add(sumW));
-        if (s.Bias is not null) s.Bias.copy_(sumB is null ? s.BackupBias! : s.BackupBias!.to(ScalarType.Float32).add(sumB));
+        s.Weight.copy_(sumW ?? s.BackupWeight);
+        if (s.Bias is not null) s.Bias.copy_(sumB is null ? s.BackupBias! : s.BackupBias!.to(mergeType).add(sumB));
         s.Dirty = false;
     }
 
@@ -478,6 +512,35 @@ public sealed class AdapterHost : IDisposable
             (prev, cur) = (cur, prev);
         }
         return prev[b.Length];
+    }
+
+    /// <summary>
+    /// The Linear/Conv2d modules of <paramref name="root"/> that a forward does not invoke through <c>call()</c>:
+    /// hook-based adapters would silently do nothing there. Registers temporary hooks, runs
+    /// <paramref name="runForward"/>, removes them. A model test should assert this list is empty.
+    /// </summary>
+    public static IReadOnlyList<string> ModulesNotCalled(nn.Module root, Action runForward)
+    {
+        var called = new HashSet<string>(StringComparer.Ordinal);
+        var handles = new List<Action>();
+        var all = new List<string>();
+        try
+        {
+            foreach (var (name, m) in root.named_modules())
+            {
+                if (m is not (Linear or Conv2d)) continue;
+                all.Add(name);
+                var path = name;
+                var h = ((nn.Module<Tensor, Tensor>)m).register_forward_hook((_, _, y) => { called.Add(path); return y; });
+                handles.Add(h.remove);
+            }
+            runForward();
+        }
+        finally
+        {
+            foreach (var remove in handles) remove();
+        }
+        return all.Where(p => !called.Contains(p)).ToList();
     }
 
     /// <summary>Restores the base weights, removes the hooks and disposes every adapter.</summary>
