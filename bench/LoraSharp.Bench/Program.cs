@@ -8,6 +8,7 @@ var benchmarks = new Dictionary<string, (string Description, Func<string[], int>
     ["adapters"] = ("LoRA r=16 overhead: train step unmerged vs base, merged inference vs base, merge+unmerge of 100 layers", LoraSharp.Bench.AdaptersBenchmark.Run),
     ["txt2img"] = ("s/step at 512x512, SD1.5 config random weights, f32/bf16, 0/1/3 rank-16 LoRAs unmerged vs merged", LoraSharp.Bench.Txt2ImgBenchmark.Run),
     ["tools"] = ("merge / extract / resize on a random SD1.5-sized fp16 file with a rank-128 LoRA: time, peak RSS, vs full SVD", LoraSharp.Bench.ToolsBenchmark.Run),
+    ["llm-train"] = ("LLM training step time, tokens/s and peak RSS: full fine-tuning vs LoRA vs QLoRA on a ~110M Llama", LoraSharp.Bench.LlmTrainBenchmark.Run),
 };
 
 if (args.Length == 0 || !benchmarks.TryGetValue(args[0], out var bench))

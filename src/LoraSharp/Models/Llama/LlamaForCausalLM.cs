@@ -66,6 +66,17 @@ public sealed class LlamaForCausalLM : nn.Module<Tensor, KvCache?, Tensor>
         return LmHead.call(hidden).MoveToOuterDisposeScope();
     }
 
+    /// <summary>
+    /// Logits <c>[batch, seq, vocab]</c> for packed rows: per-token RoPE <paramref name="positionIds"/> and a boolean
+    /// <paramref name="sampleMask"/> <c>[batch, seq, seq]</c> (see <see cref="LlamaModel.ForwardPacked"/>).
+    /// </summary>
+    public Tensor LogitsPacked(Tensor inputIds, Tensor positionIds, Tensor sampleMask)
+    {
+        using var scope = NewDisposeScope();
+        var hidden = Model.ForwardPacked(inputIds.to(Device), positionIds, sampleMask);
+        return LmHead.call(hidden).MoveToOuterDisposeScope();
+    }
+
     /// <summary>A cache sized for this model's layers.</summary>
     public KvCache NewCache() => new(Config.NumHiddenLayers);
 

@@ -72,9 +72,48 @@ public sealed class LlamaModel : nn.Module<Tensor, KvCache?, Tensor?, Tensor>
         }
 
         var ctx = new LlamaForwardContext { Cos = cos, Sin = sin, CausalMask = causal, SlidingMask = sliding, Cache = cache };
+        return RunLayers(hidden, ctx).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>
+    /// Runs each decoder layer: <c>(layer, hidden, ctx) → hidden</c>. Null (default) calls <c>layer.call(hidden, ctx)</c>;
+    /// training sets it to recompute layers in backward (gradient checkpointing).
+    /// </summary>
+    public Func<LlamaDecoderLayer, Tensor, LlamaForwardContext, Tensor>? LayerRunner { get; set; }
+
+    Tensor RunLayers(Tensor hidden, LlamaForwardContext ctx)
+    {
+        var runner = LayerRunner;
         foreach (var layer in Layers)
-            hidden = layer.call(hidden, ctx);
-        return Norm.call(hidden).MoveToOuterDisposeScope();
+            hidden = runner is null ? layer.call(hidden, ctx) : runner(layer, hidden, ctx);
+        return Norm.call(hidden);
+    }
+
+    /// <summary>
+    /// Forward pass over packed rows (several samples back to back, no cache): <paramref name="positionIds"/>
+    /// <c>[batch, seq]</c> are the RoPE positions (restarting at 0 for each sample) and <paramref name="sampleMask"/>
+    /// <c>[batch, seq, seq]</c> is a boolean mask replacing the causal one (true = query i may attend key j; it must be
+    /// causal itself, e.g. block-diagonal causal, and every row needs at least one true).
+    /// </summary>
+    public Tensor ForwardPacked(Tensor inputIds, Tensor positionIds, Tensor sampleMask)
+    {
+        using var scope = NewDisposeScope();
+        long seq = inputIds.shape[1];
+        if (positionIds.shape[0] != inputIds.shape[0] || positionIds.shape[1] != seq)
+            throw new ArgumentException($"position ids must be [batch, seq] like the input ids, got [{string.Join(", ", positionIds.shape)}]", nameof(positionIds));
+        if (sampleMask.dim() != 3 || sampleMask.shape[1] != seq || sampleMask.shape[2] != seq)
+            throw new ArgumentException($"sample mask must be [batch, seq, seq], got [{string.Join(", ", sampleMask.shape)}]", nameof(sampleMask));
+        var hidden = EmbedTokens.call(inputIds);
+        var device = hidden.device;
+        var pos = positionIds.to(device).to_type(ScalarType.Int64);
+        long maxPos = pos.numel() == 0 ? 0 : pos.max().item<long>();
+        var (cos, sin) = Rotary.CosSin(pos, maxPos + 1, hidden.dtype);
+        var causal = sampleMask.to(device).to_type(ScalarType.Bool).unsqueeze(1);
+        var sliding = causal;
+        if (_config.SlidingWindow is int w)
+            sliding = causal.logical_and((pos.unsqueeze(1) > pos.unsqueeze(2) - w).unsqueeze(1));
+        var ctx = new LlamaForwardContext { Cos = cos, Sin = sin, CausalMask = causal, SlidingMask = sliding, Cache = null };
+        return RunLayers(hidden, ctx).MoveToOuterDisposeScope();
     }
 
     /// <summary>
