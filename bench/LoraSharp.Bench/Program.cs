@@ -6,6 +6,7 @@ var benchmarks = new Dictionary<string, (string Description, Func<string[], int>
     ["llama"] = ("LLaMA prefill and decode tokens/s, ~110M-parameter random model, float32 and bfloat16", LoraSharp.Bench.LlamaBenchmark.Run),
     ["unet"] = ("SD1.5 UNet forward at 64x64 latents, random weights, f32 and bf16", LoraSharp.Bench.UNetBenchmark.Run),
     ["adapters"] = ("LoRA r=16 overhead: train step unmerged vs base, merged inference vs base, merge+unmerge of 100 layers", LoraSharp.Bench.AdaptersBenchmark.Run),
+    ["txt2img"] = ("s/step at 512x512, SD1.5 config random weights, f32/bf16, 0/1/3 rank-16 LoRAs unmerged vs merged", LoraSharp.Bench.Txt2ImgBenchmark.Run),
 };
 
 if (args.Length == 0 || !benchmarks.TryGetValue(args[0], out var bench))

@@ -11,6 +11,8 @@ public static class CommandLine
         root.Subcommands.Add(Commands.InspectCommand.Create());
         root.Subcommands.Add(Commands.ConvertCommand.Create());
         root.Subcommands.Add(Commands.PngInfoCommand.Create());
+        root.Subcommands.Add(Commands.GenerateCommand.Create());
+        root.Subcommands.Add(Commands.GridCommand.Create());
         return root;
     }
 
