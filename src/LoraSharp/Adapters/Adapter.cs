@@ -60,6 +60,9 @@ public abstract class Adapter : nn.Module
 
     protected Parameter AddParameter(string name, Tensor value, bool trainable)
     {
+        if (_names.Count > 0 && value.dtype != StorageDType)
+            throw new ArgumentException($"Module '{ModulePath}': parameter '{name}' is {value.dtype}, the others {StorageDType}.");
+        _storageDType ??= value.dtype;
         var p = new Parameter(value, trainable);
         p.DetachFromDisposeScope(); // parameters live as long as the adapter, not the caller's dispose scope
         register_parameter(name, p);
@@ -73,7 +76,9 @@ public abstract class Adapter : nn.Module
         foreach (var (_, p) in Parameters) p.requires_grad = trainable;
     }
 
-    public ScalarType StorageDType => Parameters.First().Param.dtype;
+    /// <summary>The dtype the parameters are stored in (all the same; fixed at construction).</summary>
+    public ScalarType StorageDType => _storageDType ?? throw new InvalidOperationException("Adapter has no parameters.");
+    ScalarType? _storageDType;
 
     protected ScalarType Dt => ComputeDType ?? StorageDType;
 

@@ -14,10 +14,18 @@ namespace LoraSharp.Tests.Adapters;
 /// <summary>
 /// The whole path a user takes — Formats reads the file, AdapterHost attaches it to the real model — against the
 /// outputs the Python tools recorded: PEFT logits on the tiny Llama, kohya/LyCORIS/diffusers UNet and text-encoder
-/// outputs on the tiny SD 1.5, unmerged at each recorded multiplier and merged.
+/// outputs on the tiny SD 1.5, unmerged at each recorded multiplier and merged. They run alone with one torch thread:
+/// the unmerged UNet issues thousands of tiny ops, which on a shared 2-core machine wait on descheduled OpenMP threads.
 /// </summary>
-public class EndToEndReferenceTests
+[Collection(SerialAdapterTests.Name)]
+public sealed class EndToEndReferenceTests : IDisposable
 {
+    readonly int _threads = get_num_threads();
+
+    public EndToEndReferenceTests() => set_num_threads(1);
+
+    public void Dispose() => set_num_threads(_threads);
+
     static JsonNode LlmManifest => ReferenceData.ReadJson("llm", "manifest.json");
     static JsonNode SdManifest => ReferenceData.ReadJson("sd", "manifest.json");
 
@@ -62,25 +70,33 @@ public class EndToEndReferenceTests
     static Dictionary<string, Tensor> Outputs(StableDiffusionModel model, JsonNode manifest, IEnumerable<string> baseKeys)
     {
         var result = new Dictionary<string, Tensor>();
-        foreach (var baseKey in baseKeys)
+        ClipTextOutput? te = null;
+        try
         {
-            var caseName = manifest["output_to_forward_case"]![baseKey]!.GetValue<string>();
-            var fc = manifest["forward"]!.AsArray().First(c => c!["name"]!.GetValue<string>() == caseName)!;
-            using var file = SafetensorsFile.Open(ReferenceData.PathOf("sd", fc["file"]!.GetValue<string>()));
-            Tensor In(string k) => file.Load(fc["inputs"]![k]!.GetValue<string>());
-            if (fc["component"]!.GetValue<string>() == "te")
+            foreach (var baseKey in baseKeys)
             {
-                using var o = model.TextEncoder!.call(In("input_ids"));
-                result[baseKey] = baseKey switch
+                var caseName = manifest["output_to_forward_case"]![baseKey]!.GetValue<string>();
+                var fc = manifest["forward"]!.AsArray().First(c => c!["name"]!.GetValue<string>() == caseName)!;
+                using var file = SafetensorsFile.Open(ReferenceData.PathOf("sd", fc["file"]!.GetValue<string>()));
+                Tensor In(string k) => file.Load(fc["inputs"]![k]!.GetValue<string>());
+                if (fc["component"]!.GetValue<string>() == "te")
                 {
-                    "te_last_hidden_state" => o.LastHiddenState.alias(),
-                    "te_penultimate_hidden_state" => o.HiddenStates[^2].alias(),
-                    "te_penultimate_final_layer_norm" => model.TextEncoder!.FinalLayerNorm.call(o.HiddenStates[^2]),
-                    "te_pooler_output" => o.PooledOutput.alias(),
-                    _ => throw new InvalidDataException(baseKey),
-                };
+                    te ??= model.TextEncoder!.call(In("input_ids")); // one text-encoder run serves every te output
+                    result[baseKey] = baseKey switch
+                    {
+                        "te_last_hidden_state" => te.LastHiddenState.alias(),
+                        "te_penultimate_hidden_state" => te.HiddenStates[^2].alias(),
+                        "te_penultimate_final_layer_norm" => model.TextEncoder!.FinalLayerNorm.call(te.HiddenStates[^2]),
+                        "te_pooler_output" => te.PooledOutput.alias(),
+                        _ => throw new InvalidDataException(baseKey),
+                    };
+                }
+                else result[baseKey] = model.Unet.Predict(In("sample"), In("timestep"), In("encoder_hidden_states"));
             }
-            else result[baseKey] = model.Unet.Predict(In("sample"), In("timestep"), In("encoder_hidden_states"));
+        }
+        finally
+        {
+            te?.Dispose();
         }
         return result;
     }
