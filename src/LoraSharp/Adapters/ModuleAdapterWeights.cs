@@ -56,6 +56,12 @@ public sealed class ModuleAdapterWeights : IDisposable
 
     public ScaleConvention Convention { get; init; } = ScaleConvention.LyCORIS;
 
+    /// <summary>
+    /// The configured rank, when the tensors do not show it (PEFT LoKr with two full factors still scales by
+    /// alpha/r). Null = take the rank from the tensor shapes.
+    /// </summary>
+    public long? Rank { get; init; }
+
     /// <summary>PEFT fan_in_fan_out (GPT-2 Conv1D style base weights stored [in, out]).</summary>
     public bool FanInFanOut { get; init; }
 
