@@ -10,6 +10,7 @@ public static class CommandLine
         var root = new RootCommand("LoraSharp: train, load, combine, convert and generate with LoRA adapters.");
         root.Subcommands.Add(Commands.InspectCommand.Create());
         root.Subcommands.Add(Commands.ConvertCommand.Create());
+        root.Subcommands.Add(Commands.PngInfoCommand.Create());
         return root;
     }
 

@@ -9,6 +9,8 @@ using Spectre.Console.Rendering;
 
 namespace LoraSharp.Cli.Commands;
 
+using Text = Spectre.Console.Text; // LoraSharp.Text (tokenizers, prompts) would otherwise shadow Spectre's Text here
+
 /// <summary><c>lorasharp inspect FILE [--all] [--limit N] [--json]</c>: what a tensor file holds, without loading its tensors.</summary>
 public static class InspectCommand
 {
