@@ -45,12 +45,6 @@ public sealed class ModuleAdapterWeights : IDisposable
     /// <summary>The alpha to use; null means "alpha = rank" (scale 1), what kohya and A1111 do for files without alpha.</summary>
     public double? Alpha { get; init; }
 
-    /// <summary>
-    /// The r of alpha/r when the factors do not show it — PEFT LoKr with both factors full uses the config's r.
-    /// Null: r comes from the tensors (lora_down rows, hada_w1_b rows, the decomposed LoKr factor's rank).
-    /// </summary>
-    public int? Rank { get; init; }
-
     /// <summary>rsLoRA: scale alpha/√r instead of alpha/r.</summary>
     public bool RsLora { get; init; }
 
