@@ -5,6 +5,7 @@ var benchmarks = new Dictionary<string, (string Description, Func<string[], int>
     ["io"] = ("tensor file loading vs a plain sequential read (safetensors and torch .ckpt, ~1 GB each)", LoraSharp.Bench.IoBenchmark.Run),
     ["adapters"] = ("LoRA r=16 overhead: train step unmerged vs base, merged inference vs base, merge+unmerge of 100 layers", LoraSharp.Bench.AdaptersBenchmark.Run),
     ["unet"] = ("SD1.5 UNet forward at 64x64 latents, random weights, f32 and bf16", LoraSharp.Bench.UNetBenchmark.Run),
+    ["sd-train"] = ("SD1.5 LoRA dim 16 training step at 512 px: f32/bf16, with/without gradient checkpointing, peak RSS", LoraSharp.Bench.SdTrainBenchmark.Run),
 };
 
 if (args.Length == 0 || !benchmarks.TryGetValue(args[0], out var bench))
