@@ -449,6 +449,16 @@ public sealed class SdTrainer : IDisposable
     /// <summary>One image [3, H, W] in [−1, 1] with classifier-free guidance (no_grad expected).</summary>
     Tensor Generate(StableDiffusionModel model, SamplePrompt p, long seed, ClipTokenizer tok1, ClipTokenizer? tok2, ScheduleConfig schedule, bool sdxl)
     {
+        var x = GenerateLatents(model, p, seed, tok1, tok2, schedule, sdxl);
+        var vae = model.Vae!;
+        var vaeDtype = vae.parameters().First().dtype;
+        var img = vae.Decode((x / vae.Config.ScalingFactor).to_type(vaeDtype)).to_type(ScalarType.Float32);
+        return img[0];
+    }
+
+    /// <summary>The final latents [1, C, H/8, W/8] (float32, scaled) of a guided sampling run (no_grad expected).</summary>
+    Tensor GenerateLatents(StableDiffusionModel model, SamplePrompt p, long seed, ClipTokenizer tok1, ClipTokenizer? tok2, ScheduleConfig schedule, bool sdxl)
+    {
         var unetParam = model.Unet.parameters().First();
         var device = unetParam.device;
         var (ctx, pooled) = EncodeText([p.NegativePrompt, p.Prompt], tok1, tok2, sdxl);
@@ -467,14 +477,16 @@ public sealed class SdTrainer : IDisposable
             var guided = Guidance.ApplyBatched(outp, p.CfgScale);
             x = sampler.Step(guided, i, x, noiseSource);
         }
-        var vae = model.Vae!;
-        var vaeDtype = vae.parameters().First().dtype;
-        var img = vae.Decode((x / vae.Config.ScalingFactor).to_type(vaeDtype)).to_type(ScalarType.Float32);
-        return img[0].MoveToOuterDisposeScope();
+        return x;
     }
 
-    /// <summary>Generates one image with the current model (adapters as attached) — for tests and tools.</summary>
-    public Tensor GenerateSample(SamplePrompt prompt, long seed)
+    /// <summary>Generates one image [3, H, W] in [−1, 1] with the current model (adapters as attached) — for tests and tools.</summary>
+    public Tensor GenerateSample(SamplePrompt prompt, long seed) => GenerateCore(prompt, seed, decode: true);
+
+    /// <summary>The sampled latents [1, C, H/8, W/8] (scaled, float32) for a prompt, before VAE decoding.</summary>
+    public Tensor GenerateSampleLatents(SamplePrompt prompt, long seed) => GenerateCore(prompt, seed, decode: false);
+
+    Tensor GenerateCore(SamplePrompt prompt, long seed, bool decode)
     {
         var model = _model ?? throw new InvalidOperationException("train first");
         bool sdxl = model.Family == StableDiffusionFamily.SDXLBase;
@@ -483,7 +495,9 @@ public sealed class SdTrainer : IDisposable
         model.eval();
         using var noGrad = no_grad();
         using var scope = NewDisposeScope();
-        return Generate(model, prompt, seed, tok1, tok2, ScheduleFor(_c.PretrainedModelNameOrPath), sdxl).MoveToOuterDisposeScope();
+        var schedule = ScheduleFor(_c.PretrainedModelNameOrPath);
+        var result = decode ? Generate(model, prompt, seed, tok1, tok2, schedule, sdxl) : GenerateLatents(model, prompt, seed, tok1, tok2, schedule, sdxl);
+        return result.MoveToOuterDisposeScope();
     }
 
     public void Dispose()

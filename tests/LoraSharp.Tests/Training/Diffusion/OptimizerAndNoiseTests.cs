@@ -223,7 +223,7 @@ public class OptimizerAndNoiseTests
     {
         using var g = new Generator(5);
         var baseNoise = randn([4, 4, 32, 32], generator: g);
-        var pyr = DiffusionNoise.PyramidNoise(baseNoise, 6, 0.3, new Random(1), g);
+        var pyr = DiffusionNoise.PyramidNoise(baseNoise, 6, 0.8, new Random(1), g);
         Assert.Equal(1.0, pyr.std().item<float>(), 3);
         // upsampled coarse levels correlate neighbouring pixels; white noise does not
         static double NeighbourCorrelation(Tensor x)
@@ -233,7 +233,7 @@ public class OptimizerAndNoiseTests
             return ((a - a.mean()) * (b - b.mean())).mean().item<float>() / (a.std() * b.std()).item<float>();
         }
         double pc = NeighbourCorrelation(pyr), wc = NeighbourCorrelation(baseNoise);
-        Assert.True(pc > 0.04 && Math.Abs(wc) < 0.03, $"pyramid {pc} vs white {wc}");
+        Assert.True(pc > 0.2 && Math.Abs(wc) < 0.05, $"pyramid {pc} vs white {wc}");
     }
 
     [Fact]
