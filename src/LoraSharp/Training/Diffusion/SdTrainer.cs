@@ -182,11 +182,12 @@ public sealed class SdTrainer : IDisposable
         }
 
         // ---- resume
+        using var generator = new Generator((ulong)seed + 1);
         long step = 0;
         int startEpoch = 0;
         if (c.Resume is { Length: > 0 } resume)
         {
-            var st = TrainState.Load(resume, host, optimizer);
+            var st = TrainState.Load(resume, host, optimizer, generator);
             step = st.Step;
             startEpoch = st.Epoch;
             _log($"resumed from {resume}: epoch {st.Epoch}, step {st.Step}");
@@ -202,7 +203,6 @@ public sealed class SdTrainer : IDisposable
         var swTotal = Stopwatch.StartNew();
         long stepsThisRun = 0;
         double emaLoss = double.NaN;
-        using var generator = new Generator((ulong)seed + 1);
 
         for (int epoch = startEpoch; epoch < epochs && step < totalSteps; epoch++)
         {
@@ -255,7 +255,7 @@ public sealed class SdTrainer : IDisposable
                         if (File.Exists(oldPath)) { File.Delete(oldPath); saved.Remove(oldPath); }
                     }
                 }
-                if (c.SaveState) TrainState.Save(Path.Combine(c.OutputDir, c.OutputName + "-state"), host, optimizer, epochNo, step, seed);
+                if (c.SaveState) TrainState.Save(Path.Combine(c.OutputDir, c.OutputName + "-state"), host, optimizer, epochNo, step, seed, generator);
             }
             if (sampleFile is not null && c.SampleEveryNEpochs is { } se && epochNo % se == 0)
                 samples.AddRange(SampleImages(sampleFile, epochNo, tok1, tok2, schedule, seed));
@@ -263,7 +263,7 @@ public sealed class SdTrainer : IDisposable
 
         var final = SaveAdapter(c.OutputName + "." + Extension(c.SaveModelAs), metaBase, epochs, step, sdxl);
         saved.Add(final);
-        if (c.SaveState) TrainState.Save(Path.Combine(c.OutputDir, c.OutputName + "-state"), host, optimizer, epochs, step, seed);
+        if (c.SaveState) TrainState.Save(Path.Combine(c.OutputDir, c.OutputName + "-state"), host, optimizer, epochs, step, seed, generator);
         string? curve = null;
         if (losses.Count > 0)
         {

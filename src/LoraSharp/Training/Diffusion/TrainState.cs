@@ -10,12 +10,12 @@ namespace LoraSharp.Training.Diffusion;
 /// <summary>
 /// A resumable training state folder: <c>adapter.safetensors</c> (every trainable adapter parameter by name),
 /// <c>optimizer.safetensors</c> (state tensors; scalars in the metadata), <c>rng.safetensors</c> (the torch CPU
-/// generator state) and <c>state.json</c> (epoch, step, seed). Written to a temporary folder and renamed, so a crash
+/// generator state and the trainer's noise generator) and <c>state.json</c> (epoch, step, seed). Written to a temporary folder and renamed, so a crash
 /// never leaves half a state.
 /// </summary>
 public sealed record TrainState(int Epoch, long Step, long Seed)
 {
-    public static void Save(string folder, AdapterHost host, ITrainingOptimizer optimizer, int epoch, long step, long seed)
+    public static void Save(string folder, AdapterHost host, ITrainingOptimizer optimizer, int epoch, long step, long seed, Generator? noiseGenerator = null)
     {
         var parent = Path.GetDirectoryName(Path.GetFullPath(folder))!;
         var tmp = Path.Combine(parent, $".{Path.GetFileName(folder)}.{Environment.ProcessId}.tmp");
@@ -27,7 +27,9 @@ public sealed record TrainState(int Epoch, long Step, long Seed)
                 host.NamedTrainableParameters().Select(p => new KeyValuePair<string, Tensor>(p.Name, p.Param.detach())).ToList());
             var (tensors, scalars) = optimizer.StateDict();
             SafetensorsWriter.Write(Path.Combine(tmp, "optimizer.safetensors"), tensors.ToList(), scalars);
-            SafetensorsWriter.Write(Path.Combine(tmp, "rng.safetensors"), new KeyValuePair<string, Tensor>[] { new("torch_cpu", get_rng_state()) });
+            var rng = new List<KeyValuePair<string, Tensor>> { new("torch_cpu", get_rng_state()) };
+            if (noiseGenerator is not null) rng.Add(new("noise_generator", noiseGenerator.get_state()));
+            SafetensorsWriter.Write(Path.Combine(tmp, "rng.safetensors"), rng);
             foreach (var t in tensors.Values) t.Dispose();
         }
         File.WriteAllText(Path.Combine(tmp, "state.json"), JsonSerializer.Serialize(new Dictionary<string, string>
@@ -44,7 +46,7 @@ public sealed record TrainState(int Epoch, long Step, long Seed)
     }
 
     /// <summary>Restores adapter parameters, optimizer state and the RNG; returns epoch / step / seed.</summary>
-    public static TrainState Load(string folder, AdapterHost host, ITrainingOptimizer optimizer)
+    public static TrainState Load(string folder, AdapterHost host, ITrainingOptimizer optimizer, Generator? noiseGenerator = null)
     {
         var json = Path.Combine(folder, "state.json");
         if (!File.Exists(json)) throw new LoraSharpException("not a training state folder (state.json is missing)", folder, "resume");
@@ -69,8 +71,11 @@ public sealed record TrainState(int Epoch, long Step, long Seed)
             foreach (var t in tensors.Values) t.Dispose();
         }
         using (var src = SafetensorsFile.Open(Path.Combine(folder, "rng.safetensors")))
-        using (var rng = src.Load("torch_cpu"))
-            set_rng_state(rng);
+        {
+            using (var rng = src.Load("torch_cpu")) set_rng_state(rng);
+            if (noiseGenerator is not null && src.Contains("noise_generator"))
+                using (var g = src.Load("noise_generator")) noiseGenerator.set_state(g);
+        }
         return new TrainState(int.Parse(d["epoch"], CultureInfo.InvariantCulture), long.Parse(d["step"], CultureInfo.InvariantCulture), long.Parse(d["seed"], CultureInfo.InvariantCulture));
     }
 }
