@@ -6,6 +6,8 @@ var benchmarks = new Dictionary<string, (string Description, Func<string[], int>
     ["adapters"] = ("LoRA r=16 overhead: train step unmerged vs base, merged inference vs base, merge+unmerge of 100 layers", LoraSharp.Bench.AdaptersBenchmark.Run),
     ["unet"] = ("SD1.5 UNet forward at 64x64 latents, random weights, f32 and bf16", LoraSharp.Bench.UNetBenchmark.Run),
     ["sd-train"] = ("SD1.5 LoRA dim 16 training step at 512 px: f32/bf16, with/without gradient checkpointing, peak RSS", LoraSharp.Bench.SdTrainBenchmark.Run),
+    ["llama"] = ("LLaMA prefill and decode tokens/s, ~110M-parameter random model, float32 and bfloat16", LoraSharp.Bench.LlamaBenchmark.Run),
+    ["llm-train"] = ("LLM training step time, tokens/s and peak RSS: full fine-tuning vs LoRA vs QLoRA on a ~110M Llama", LoraSharp.Bench.LlmTrainBenchmark.Run),
 };
 
 if (args.Length == 0 || !benchmarks.TryGetValue(args[0], out var bench))

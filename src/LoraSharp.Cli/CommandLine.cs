@@ -12,6 +12,9 @@ public static class CommandLine
         root.Subcommands.Add(Commands.ConvertCommand.Create());
         root.Subcommands.Add(Commands.PngInfoCommand.Create());
         root.Subcommands.Add(Commands.TrainCommand.Create());
+        root.Subcommands.Add(Commands.TrainLlmCommand.Create());
+        root.Subcommands.Add(Commands.GenerateTextCommand.Create());
+        root.Subcommands.Add(Commands.MergeAdapterCommand.Create());
         return root;
     }
 

@@ -14,7 +14,7 @@ public static class KohyaMetadata
     static string B(bool v) => v ? "True" : "False";
 
     /// <summary>kohya's optimizer description: the Python class path and its arguments.</summary>
-    public static string OptimizerDescription(ITrainingOptimizer o, IEnumerable<string> args)
+    public static string OptimizerDescription(IGroupedOptimizer o, IEnumerable<string> args)
     {
         var cls = o.Name switch
         {
@@ -30,7 +30,7 @@ public static class KohyaMetadata
     }
 
     public static Dictionary<string, string> Build(SdTrainConfig c, NetworkSpec spec, TrainingDataset data, StableDiffusionFamily family, bool vpred, long seed,
-        DateTimeOffset started, ITrainingOptimizer optimizer, double unetLr, double teLr, long totalSteps, int epochs, int batchesPerEpoch, long warmup,
+        DateTimeOffset started, IGroupedOptimizer optimizer, double unetLr, double teLr, long totalSteps, int epochs, int batchesPerEpoch, long warmup,
         bool checkpointing, bool cacheLatents)
     {
         bool sdxl = family == StableDiffusionFamily.SDXLBase, v2 = family == StableDiffusionFamily.SD2 || c.V2;

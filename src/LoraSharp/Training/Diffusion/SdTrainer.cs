@@ -45,7 +45,7 @@ public sealed class SdTrainer : IDisposable
     readonly Action<string> _log;
     StableDiffusionModel? _model;
     AdapterHost? _host;
-    ITrainingOptimizer? _optimizer;
+    IGroupedOptimizer? _optimizer;
     LatentCache? _cache;
     GradientCheckpointing? _checkpointing;
 

@@ -15,7 +15,7 @@ namespace LoraSharp.Training.Diffusion;
 /// </summary>
 public sealed record TrainState(int Epoch, long Step, long Seed)
 {
-    public static void Save(string folder, AdapterHost host, ITrainingOptimizer optimizer, int epoch, long step, long seed, Generator? noiseGenerator = null)
+    public static void Save(string folder, AdapterHost host, IGroupedOptimizer optimizer, int epoch, long step, long seed, Generator? noiseGenerator = null)
     {
         var parent = Path.GetDirectoryName(Path.GetFullPath(folder))!;
         var tmp = Path.Combine(parent, $".{Path.GetFileName(folder)}.{Environment.ProcessId}.tmp");
@@ -46,7 +46,7 @@ public sealed record TrainState(int Epoch, long Step, long Seed)
     }
 
     /// <summary>Restores adapter parameters, optimizer state and the RNG; returns epoch / step / seed.</summary>
-    public static TrainState Load(string folder, AdapterHost host, ITrainingOptimizer optimizer, Generator? noiseGenerator = null)
+    public static TrainState Load(string folder, AdapterHost host, IGroupedOptimizer optimizer, Generator? noiseGenerator = null)
     {
         var json = Path.Combine(folder, "state.json");
         if (!File.Exists(json)) throw new LoraSharpException("not a training state folder (state.json is missing)", folder, "resume");

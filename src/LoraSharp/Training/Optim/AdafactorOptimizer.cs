@@ -9,7 +9,7 @@ namespace LoraSharp.Training.Optim;
 /// when scale_parameter; optional first moment β1 and decoupled weight decay. Defaults are transformers': relative_step
 /// and scale_parameter on (the scheduled learning rate is then ignored — pass relative_step=False to use it).
 /// </summary>
-public sealed class AdafactorOptimizer : TrainingOptimizer
+public sealed class AdafactorOptimizer : GroupedOptimizer
 {
     readonly double _eps1, _eps2, _clip, _decay;
     readonly double? _beta1;

@@ -9,7 +9,7 @@ namespace LoraSharp.Training.Optim;
 /// v/absmax = (q/255)⁴), so small entries keep their relative precision; this is LoraSharp's own 8-bit scheme, not
 /// bitsandbytes' dynamic map. The update itself is computed in float32.
 /// </summary>
-public sealed class AdamWOptimizer : TrainingOptimizer
+public sealed class AdamWOptimizer : GroupedOptimizer
 {
     public const int BlockSize = 256;
     readonly double _beta1, _beta2, _eps;
@@ -69,8 +69,8 @@ public sealed class AdamWOptimizer : TrainingOptimizer
 
     void Quantize(int g, int i, string name, Tensor value, bool signed)
     {
-        var q = State[Key(g, i, name + ".q")];
-        var scale = State[Key(g, i, name + ".absmax")];
+        var q = StateTensors[Key(g, i, name + ".q")];
+        var scale = StateTensors[Key(g, i, name + ".absmax")];
         long blocks = scale.shape[0];
         var flat = value.flatten();
         long pad = blocks * BlockSize - flat.numel();

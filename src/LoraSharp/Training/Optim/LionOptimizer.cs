@@ -6,7 +6,7 @@ namespace LoraSharp.Training.Optim;
 /// Lion (Chen et al. 2023; lion-pytorch, which kohya uses): p ← p·(1 − lr·wd); u = sign(β1·m + (1 − β1)·g);
 /// p ← p − lr·u; m ← β2·m + (1 − β2)·g. Defaults β = (0.9, 0.99), wd 0. Use a learning rate 3–10× smaller than AdamW's.
 /// </summary>
-public sealed class LionOptimizer : TrainingOptimizer
+public sealed class LionOptimizer : GroupedOptimizer
 {
     readonly double _beta1, _beta2;
 

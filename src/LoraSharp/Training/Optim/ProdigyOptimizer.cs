@@ -9,7 +9,7 @@ namespace LoraSharp.Training.Optim;
 /// Defaults: lr 1, β (0.9, 0.999), β3 = √β2, eps 1e-8, d0 1e-6, decoupled weight decay 0. The reference requires all
 /// groups to share the learning rate; here a group with a different rate uses its own d·lr in its update and numerator.
 /// </summary>
-public sealed class ProdigyOptimizer : TrainingOptimizer
+public sealed class ProdigyOptimizer : GroupedOptimizer
 {
     readonly double _beta1, _beta2, _beta3, _eps, _d0, _dCoef, _growth;
     readonly bool _decouple, _biasCorrection, _safeguardWarmup;
@@ -74,8 +74,8 @@ public sealed class ProdigyOptimizer : TrainingOptimizer
         foreach (var (g, i, group, p, _) in items)
         {
             double dlr = d * group.LearningRate * bc;
-            var m = State[Key(g, i, "exp_avg")];
-            var v = State[Key(g, i, "exp_avg_sq")];
+            var m = StateTensors[Key(g, i, "exp_avg")];
+            var v = StateTensors[Key(g, i, "exp_avg_sq")];
             var denom = v.sqrt().add_(d * _eps);
             if (group.WeightDecay != 0 && _decouple) p.add_(p, alpha: -group.WeightDecay * dlr);
             p.sub_((m / denom * dlr).to_type(p.dtype));

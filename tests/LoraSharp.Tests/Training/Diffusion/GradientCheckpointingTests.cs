@@ -6,6 +6,7 @@ using static TorchSharp.torch;
 
 namespace LoraSharp.Tests.Training.Diffusion;
 
+[Collection(LoraSharp.Tests.Training.LlmTraining.TorchGlobalStateCollection.Name)]
 public class GradientCheckpointingTests
 {
     internal static UNetConfig TinyUnet() => new()

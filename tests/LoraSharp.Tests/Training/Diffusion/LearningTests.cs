@@ -14,6 +14,7 @@ namespace LoraSharp.Tests.Training.Diffusion;
 /// stripe images lowers the held-out denoising loss on that pattern, pulls generated samples toward the pattern's VAE
 /// reconstruction, writes a kohya file with metadata, and leaves the base weights bit-identical.
 /// </summary>
+[Collection(LoraSharp.Tests.Training.LlmTraining.TorchGlobalStateCollection.Name)]
 public class LearningTests
 {
     internal static string TinyModel => ReferenceData.PathOf("sd", "model", "diffusers");

@@ -7,6 +7,7 @@ using static TorchSharp.torch;
 namespace LoraSharp.Tests.Training.Diffusion;
 
 /// <summary>Trainer runs on the tiny reference models (one thread: tiny ops, loaded CI machines).</summary>
+[Collection(LoraSharp.Tests.Training.LlmTraining.TorchGlobalStateCollection.Name)]
 public class TrainerTests
 {
     static T OneThread<T>(Func<T> f)

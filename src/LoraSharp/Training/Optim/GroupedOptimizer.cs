@@ -18,22 +18,16 @@ public sealed class ParamGroup(string name, IReadOnlyList<Parameter> parameters,
 }
 
 /// <summary>
-/// An optimizer over parameter groups with explicit, serialisable state. <see cref="Step"/> runs under no_grad and
-/// disposes its temporaries; state tensors live until <see cref="Dispose"/>.
+/// An <see cref="ITrainingOptimizer"/> over parameter groups with their own learning rates (kohya: UNet and text
+/// encoder), with explicit, serialisable state. <see cref="ITrainingOptimizer.Step"/> runs under no_grad and disposes
+/// its temporaries; state tensors live until Dispose. Setting <see cref="ITrainingOptimizer.LearningRate"/> scales every
+/// group so the groups keep the ratio of their base learning rates.
 /// </summary>
-public interface ITrainingOptimizer : IDisposable
+public interface IGroupedOptimizer : ITrainingOptimizer
 {
     /// <summary>kohya's optimizer_type name (ss_optimizer).</summary>
     string Name { get; }
     IReadOnlyList<ParamGroup> Groups { get; }
-    /// <summary>Optimizer steps taken.</summary>
-    long StepCount { get; }
-    /// <summary>One update from the current gradients (parameters without a gradient are skipped).</summary>
-    void Step();
-    /// <summary>Clears the gradients of every parameter.</summary>
-    void ZeroGrad();
-    /// <summary>Bytes held by the state tensors.</summary>
-    long StateBytes { get; }
     /// <summary>The state as named tensors plus scalars, for saving (copies).</summary>
     (Dictionary<string, Tensor> Tensors, Dictionary<string, string> Scalars) StateDict();
     /// <summary>Restores a state written by <see cref="StateDict"/> (same parameter order and shapes).</summary>
@@ -41,13 +35,13 @@ public interface ITrainingOptimizer : IDisposable
 }
 
 /// <summary>Shared bookkeeping: per-parameter state tensors keyed "g{group}.p{index}.{name}", scalar state, state size.</summary>
-public abstract class TrainingOptimizer : ITrainingOptimizer
+public abstract class GroupedOptimizer : IGroupedOptimizer
 {
-    protected readonly Dictionary<string, Tensor> State = new(StringComparer.Ordinal);
+    protected readonly Dictionary<string, Tensor> StateTensors = new(StringComparer.Ordinal);
     protected readonly Dictionary<string, double> Scalars = new(StringComparer.Ordinal);
     bool _disposed;
 
-    protected TrainingOptimizer(IReadOnlyList<ParamGroup> groups)
+    protected GroupedOptimizer(IReadOnlyList<ParamGroup> groups)
     {
         if (groups.Count == 0 || groups.All(g => g.Parameters.Count == 0))
             throw new ArgumentException("the optimizer has no parameters", nameof(groups));
@@ -64,11 +58,11 @@ public abstract class TrainingOptimizer : ITrainingOptimizer
     protected Tensor StateOf(int g, int i, string name, Func<Tensor> create)
     {
         var k = Key(g, i, name);
-        if (!State.TryGetValue(k, out var t))
+        if (!StateTensors.TryGetValue(k, out var t))
         {
             using (no_grad()) t = create().detach();
             t.DetachFromDisposeScope();
-            State[k] = t;
+            StateTensors[k] = t;
         }
         return t;
     }
@@ -84,6 +78,39 @@ public abstract class TrainingOptimizer : ITrainingOptimizer
     /// <summary>The update; runs inside a dispose scope under no_grad.</summary>
     protected abstract void StepCore();
 
+    /// <summary>The first group's learning rate; setting it scales every group by the same factor of its base rate.</summary>
+    public double LearningRate
+    {
+        get => Groups[0].LearningRate;
+        set
+        {
+            double factor = Groups[0].BaseLearningRate == 0 ? 0 : value / Groups[0].BaseLearningRate;
+            foreach (var g in Groups) g.LearningRate = g.BaseLearningRate * factor;
+        }
+    }
+
+    /// <summary><see cref="ITrainingOptimizer.State"/>: the state tensors, "step" (int64) and "scalar/&lt;name&gt;" (float64) entries (copies).</summary>
+    public IReadOnlyDictionary<string, Tensor> State()
+    {
+        var d = State_().ToDictionary(kv => kv.Key, kv => kv.Value.detach().clone(), StringComparer.Ordinal);
+        d["step"] = tensor(StepCount);
+        foreach (var (k, v) in Scalars) d["scalar/" + k] = tensor(v);
+        return d;
+    }
+
+    IEnumerable<KeyValuePair<string, Tensor>> State_() => StateTensors;
+
+    /// <summary>Restores what <see cref="State()"/> returned.</summary>
+    public void LoadState(IReadOnlyDictionary<string, Tensor> state)
+    {
+        var tensors = state.Where(kv => kv.Key != "step" && !kv.Key.StartsWith("scalar/", StringComparison.Ordinal)).ToDictionary(kv => kv.Key, kv => kv.Value);
+        var scalars = state.Where(kv => kv.Key.StartsWith("scalar/", StringComparison.Ordinal))
+            .ToDictionary(kv => kv.Key["scalar/".Length..], kv => kv.Value.to_type(ScalarType.Float64).item<double>().ToString("R", CultureInfo.InvariantCulture));
+        scalars["optimizer"] = Name;
+        if (state.TryGetValue("step", out var s)) scalars["step_count"] = s.to_type(ScalarType.Int64).item<long>().ToString(CultureInfo.InvariantCulture);
+        LoadStateDict(tensors, scalars);
+    }
+
     public void ZeroGrad()
     {
         foreach (var g in Groups)
@@ -94,11 +121,11 @@ public abstract class TrainingOptimizer : ITrainingOptimizer
             }
     }
 
-    public long StateBytes => State.Values.Sum(t => t.numel() * t.element_size());
+    public long StateBytes => StateTensors.Values.Sum(t => t.numel() * t.element_size());
 
     public virtual (Dictionary<string, Tensor> Tensors, Dictionary<string, string> Scalars) StateDict()
     {
-        var tensors = State.ToDictionary(kv => kv.Key, kv => kv.Value.detach().clone(), StringComparer.Ordinal);
+        var tensors = StateTensors.ToDictionary(kv => kv.Key, kv => kv.Value.detach().clone(), StringComparer.Ordinal);
         var scalars = Scalars.ToDictionary(kv => kv.Key, kv => kv.Value.ToString("R", CultureInfo.InvariantCulture), StringComparer.Ordinal);
         scalars["step_count"] = StepCount.ToString(CultureInfo.InvariantCulture);
         scalars["optimizer"] = Name;
@@ -109,13 +136,13 @@ public abstract class TrainingOptimizer : ITrainingOptimizer
     {
         if (scalars.TryGetValue("optimizer", out var n) && n != Name)
             throw new LoraSharpException($"the saved optimizer state is {n}, this run uses {Name}", key: "optimizer_type");
-        foreach (var t in State.Values) t.Dispose();
-        State.Clear();
+        foreach (var t in StateTensors.Values) t.Dispose();
+        StateTensors.Clear();
         foreach (var (k, v) in tensors)
         {
             var t = v.detach().clone();
             t.DetachFromDisposeScope();
-            State[k] = t;
+            StateTensors[k] = t;
         }
         Scalars.Clear();
         foreach (var (k, v) in scalars)
@@ -142,8 +169,8 @@ public abstract class TrainingOptimizer : ITrainingOptimizer
     {
         if (_disposed) return;
         _disposed = true;
-        foreach (var t in State.Values) t.Dispose();
-        State.Clear();
+        foreach (var t in StateTensors.Values) t.Dispose();
+        StateTensors.Clear();
         GC.SuppressFinalize(this);
     }
 }
@@ -228,11 +255,11 @@ public static class OptimizerFactory
         _ => throw new LoraSharpException($"optimizer_type '{type}' is not supported (expected one of: {string.Join(", ", Names)})", key: "optimizer_type"),
     };
 
-    public static ITrainingOptimizer Create(string type, IReadOnlyList<ParamGroup> groups, IEnumerable<string>? optimizerArgs = null)
+    public static IGroupedOptimizer Create(string type, IReadOnlyList<ParamGroup> groups, IEnumerable<string>? optimizerArgs = null)
     {
         var a = new OptimizerArgs(optimizerArgs);
         var name = Normalize(type);
-        ITrainingOptimizer opt = name switch
+        IGroupedOptimizer opt = name switch
         {
             "AdamW" or "AdamW8bit" => new AdamWOptimizer(groups, a.Pair("betas", (0.9, 0.999)), a.Double("eps", 1e-8), a.Double("weight_decay", 0.01), eightBit: name == "AdamW8bit"),
             "Lion" => new LionOptimizer(groups, a.Pair("betas", (0.9, 0.99)), a.Double("weight_decay", 0)),
