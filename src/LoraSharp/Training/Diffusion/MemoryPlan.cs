@@ -99,7 +99,6 @@ public static class MemoryPlanner
         var notes = new List<string>();
         var (plainAct, ckptAct) = ActivationEstimate(input.Unet, input.BatchSize, input.MaxImageSize.H / 8, input.MaxImageSize.W / 8, input.ActivationBytes, input.TextTokens);
         long adapter = input.AdapterParameters * 4;
-        bool adamLike = input.Optimizer is "AdamW" or "AdamW8bit" or "Prodigy";
         long StateBytes(bool eight) => input.Optimizer switch
         {
             "AdamW" => eight ? input.AdapterParameters * 2 + input.AdapterParameters / 32 : 2 * adapter,
@@ -116,7 +115,6 @@ public static class MemoryPlanner
         if (Peak() > budget && !ckpt) { ckpt = true; notes.Add($"activations {MemoryPlan.Gb(plainAct)} → {MemoryPlan.Gb(ckptAct)} with checkpointing"); }
         if (Peak() > budget && input.Optimizer == "AdamW" && !eight) { eight = true; notes.Add("AdamW states in 8 bits"); }
         if (Peak() > budget) notes.Add("WARNING: the estimate still exceeds the budget; lower the resolution or the batch size");
-        _ = adamLike;
         return new MemoryPlan(ckpt, cache, eight, Peak(), available, notes);
     }
 }
