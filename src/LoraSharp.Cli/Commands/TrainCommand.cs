@@ -14,9 +14,10 @@ public static class TrainCommand
 {
     public static Command Create()
     {
-        var config = new Argument<string?>("config") { Description = "TOML file with kohya option names (optional when every option is given as a flag).", Arity = ArgumentArity.ZeroOrOne };
+        // CONFIG.toml and the kohya flags are parsed by SdTrainConfig (System.CommandLine would bind an unknown flag to
+        // a positional argument): every token reaches the action as an unmatched token.
         var list = new Option<bool>("--list-options") { Description = "Print every option with its kind and meaning, then exit." };
-        var command = new Command("train", "Train a LoRA/LyCORIS adapter for Stable Diffusion (kohya train_network options).") { config, list };
+        var command = new Command("train", "Train a LoRA/LyCORIS adapter for Stable Diffusion: lorasharp train [CONFIG.toml] [--kohya_option value ...].") { list };
         command.TreatUnmatchedTokensAsErrors = false;
         command.SetAction(result =>
         {
@@ -25,7 +26,9 @@ public static class TrainCommand
                 foreach (var (name, kind, help) in SdTrainConfig.Describe()) Console.WriteLine($"--{name,-34} {kind,-12} {help}");
                 return 0;
             }
-            return CliErrors.Run(() => Run(result.GetValue(config), result.UnmatchedTokens));
+            var tokens = result.UnmatchedTokens.ToList();
+            string? config = tokens.Count > 0 && !tokens[0].StartsWith("--", StringComparison.Ordinal) ? tokens[0] : null;
+            return CliErrors.Run(() => Run(config, config is null ? tokens : tokens.Skip(1).ToList()));
         });
         return command;
     }

@@ -222,7 +222,7 @@ public sealed class SdTrainConfig
     {
         var name = key.Replace('-', '_');
         var opt = Options.FirstOrDefault(o => o.Name == name)
-            ?? throw new LoraSharpException($"unknown option '{key}'. Valid options: {string.Join(", ", OptionNames)}", source ?? _source, key);
+            ?? throw new LoraSharpException($"unknown option '{key}'{DidYouMean(name)}. Valid options: {string.Join(", ", OptionNames)}", source ?? _source, key);
         if (value is long l && opt.Kind == "string") value = l.ToString(CultureInfo.InvariantCulture);
         try { opt.Set(this, value); }
         catch (Exception e) when (e is FormatException or InvalidCastException or OverflowException)
@@ -274,7 +274,7 @@ public sealed class SdTrainConfig
             if (eq >= 0) { value = body[(eq + 1)..]; body = body[..eq]; }
             var name = body.Replace('-', '_');
             var opt = Options.FirstOrDefault(o => o.Name == name)
-                ?? throw new LoraSharpException($"unknown option '--{body}'. Valid options: {string.Join(", ", OptionNames)}", "command line", body);
+                ?? throw new LoraSharpException($"unknown option '--{body}'{DidYouMean(name)}. Valid options: {string.Join(", ", OptionNames)}", "command line", body);
             if (value is null)
             {
                 bool nextIsValue = i + 1 < args.Count && !args[i + 1].StartsWith("--", StringComparison.Ordinal);
@@ -291,6 +291,23 @@ public sealed class SdTrainConfig
             Set(name, value, "command line");
         }
         return positional;
+    }
+
+    /// <summary>" (did you mean 'x'?)" for the closest option name within edit distance 3, else "".</summary>
+    static string DidYouMean(string name)
+    {
+        static int Distance(string a, string b)
+        {
+            var d = new int[a.Length + 1, b.Length + 1];
+            for (int i = 0; i <= a.Length; i++) d[i, 0] = i;
+            for (int j = 0; j <= b.Length; j++) d[0, j] = j;
+            for (int i = 1; i <= a.Length; i++)
+                for (int j = 1; j <= b.Length; j++)
+                    d[i, j] = Math.Min(Math.Min(d[i - 1, j] + 1, d[i, j - 1] + 1), d[i - 1, j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1));
+            return d[a.Length, b.Length];
+        }
+        var best = OptionNames.Select(o => (o, Distance(o, name))).MinBy(x => x.Item2);
+        return best.Item2 <= 3 ? $" (did you mean '{best.o}'?)" : "";
     }
 
     static bool IsBoolWord(string s) => s.ToLowerInvariant() is "true" or "false" or "1" or "0" or "yes" or "no" or "on" or "off";

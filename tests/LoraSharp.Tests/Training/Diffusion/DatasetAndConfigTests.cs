@@ -187,6 +187,7 @@ public class DatasetAndConfigTests
         Assert.Contains("learning_rat", e.Message);
         Assert.Contains("learning_rate", e.Message);
         Assert.Contains("cfg.toml", e.Message);
+        Assert.Contains("did you mean 'learning_rate'", e.Message);
         var bad = Assert.Throws<LoraSharpException>(() => SdTrainConfig.FromTomlText("network_dim = \"big\"", "cfg.toml"));
         Assert.Contains("network_dim", bad.Message);
         var opt = new SdTrainConfig { PretrainedModelNameOrPath = "m", TrainDataDir = "d", OutputDir = "o", OptimizerType = "SGD" };
