@@ -75,6 +75,35 @@ public class TrainerTests
     }
 
     [Fact]
+    public void V_prediction_schedule_from_the_model_folder_trains_with_the_velocity_target()
+    {
+        using var tmp = new TempDir();
+        // the tiny SD model with a v_prediction scheduler config (as SD 2.x 768-v folders have)
+        var model = Path.Combine(tmp.Path, "model");
+        foreach (var dir in Directory.GetDirectories(LearningTests.TinyModel))
+        {
+            var target = Directory.CreateDirectory(Path.Combine(model, Path.GetFileName(dir))).FullName;
+            foreach (var file in Directory.GetFiles(dir)) File.Copy(file, Path.Combine(target, Path.GetFileName(file)));
+        }
+        var sched = Path.Combine(model, "scheduler", "scheduler_config.json");
+        var json = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(sched))!.AsObject();
+        json["prediction_type"] = "v_prediction";
+        File.WriteAllText(sched, json.ToJsonString());
+        var result = OneThread(() =>
+        {
+            using var t = new SdTrainer(Config(tmp, model, "out", "--max_train_steps", "3", "--min_snr_gamma", "5", "--multires_noise_iterations", "4",
+                "--optimizer_type", "Adafactor", "--optimizer_args", "relative_step=False", "scale_parameter=False", "--network_train_unet_only"));
+            return t.Train();
+        });
+        Assert.All(result.Losses, l => Assert.True(double.IsFinite(l) && l > 0));
+        using var f = SafetensorsFile.Open(result.AdapterPath);
+        Assert.Equal("True", f.Metadata["ss_v_parameterization"]);
+        Assert.Equal("v", f.Metadata["modelspec.prediction_type"]);
+        Assert.Equal("transformers.optimization.Adafactor(relative_step=False,scale_parameter=False)", f.Metadata["ss_optimizer"]);
+        Assert.DoesNotContain(f.Keys, k => k.StartsWith("lora_te", StringComparison.Ordinal));
+    }
+
+    [Fact]
     public void Resuming_from_a_saved_state_continues_exactly()
     {
         using var tmp = new TempDir();
