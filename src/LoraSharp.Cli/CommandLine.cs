@@ -17,7 +17,6 @@ public static class CommandLine
         root.Subcommands.Add(Commands.PngInfoCommand.Create());
         root.Subcommands.Add(Commands.GenerateCommand.Create());
         root.Subcommands.Add(Commands.GridCommand.Create());
-        root.Subcommands.Add(Commands.PngInfoCommand.Create());
         root.Subcommands.Add(Commands.TrainCommand.Create());
         root.Subcommands.Add(Commands.TrainLlmCommand.Create());
         root.Subcommands.Add(Commands.GenerateTextCommand.Create());
