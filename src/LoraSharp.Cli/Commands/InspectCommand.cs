@@ -3,7 +3,9 @@ using System.Globalization;
 using System.Text.Encodings.Web;
 using System.Text.Json;
 using System.Text.Json.Nodes;
+using LoraSharp.Formats;
 using LoraSharp.IO;
+using LoraSharp.Models.StableDiffusion;
 using Spectre.Console;
 using Spectre.Console.Rendering;
 
@@ -43,9 +45,19 @@ public static class InspectCommand
             return 2;
         }
         Summary summary;
+        AdapterSummary? adapter;
+        string? checkpoint;
         try
         {
-            summary = Summarize(path);
+            if (Directory.Exists(path) && !File.Exists(Path.Combine(path, AdapterFile.PeftConfigName)))
+            {
+                // A diffusers folder: describe its components (no single tensor file to list).
+                output.Write(StableDiffusionCheckpoint.Describe(path));
+                return 0;
+            }
+            summary = Summarize(Directory.Exists(path) ? AdapterFile.Locate(path).TensorFile : path);
+            adapter = summary.Tensors.Any(t => AdapterKeyParser.Parse(t.Key) is not null) ? AdapterSummary.Read(path) : null;
+            checkpoint = adapter is null ? DescribeCheckpoint(summary.Path) : null;
         }
         catch (LoraSharpException e)
         {
@@ -58,9 +70,13 @@ public static class InspectCommand
             return 2;
         }
         if (json)
-            WriteJson(summary, output);
+            WriteJson(summary, adapter, checkpoint, output);
         else
+        {
             WriteTables(summary, all ? int.MaxValue : limit, all, output);
+            if (adapter is not null) WriteAdapter(adapter, all ? int.MaxValue : limit, output);
+            if (checkpoint is not null) output.Write(checkpoint);
+        }
         return 0;
     }
 
@@ -177,7 +193,39 @@ public static class InspectCommand
         console.Write(meta);
     }
 
-    static void WriteJson(Summary s, TextWriter output)
+    /// <summary>The Stable Diffusion family and components of a checkpoint, or null when the file is not one.</summary>
+    static string? DescribeCheckpoint(string path)
+    {
+        using var source = StableDiffusionCheckpoint.Open(path);
+        return StableDiffusionCheckpoint.DetectFamily(source) == StableDiffusionFamily.Unknown ? null : StableDiffusionCheckpoint.Describe(source);
+    }
+
+    static void WriteAdapter(AdapterSummary a, int limit, TextWriter output)
+    {
+        output.WriteLine();
+        output.WriteLine($"adapter: {string.Join(" + ", a.Layouts)} layout, {a.Modules.Count} modules, made for {a.Base.Description} ({a.Base.Evidence})");
+        var groups = new Table().Title("algorithms").AddColumn("algorithm").AddColumn(new TableColumn("rank").RightAligned())
+            .AddColumn(new TableColumn("alpha").RightAligned()).AddColumn(new TableColumn("scale").RightAligned()).AddColumn(new TableColumn("modules").RightAligned());
+        foreach (var g in a.Groups)
+            groups.AddRow(new Text(g.Algorithm.ToString()), new Text(g.Rank.ToString(CultureInfo.InvariantCulture)),
+                new Text(g.Alpha?.ToString("G6", CultureInfo.InvariantCulture) ?? "(= rank)"), new Text(g.Scale.ToString("G6", CultureInfo.InvariantCulture)),
+                new Text(g.Count.ToString(CultureInfo.InvariantCulture)));
+        var console = AnsiConsole.Create(new AnsiConsoleSettings { Out = new AnsiConsoleOutput(output), Ansi = AnsiSupport.No, ColorSystem = ColorSystemSupport.NoColors, Interactive = InteractionSupport.No });
+        console.Profile.Width = 200;
+        console.Write(groups);
+        int shown = Math.Min(limit, a.Modules.Count);
+        var modules = new Table().Title(shown < a.Modules.Count ? $"modules (first {shown} of {a.Modules.Count}; --all for every one)" : "modules")
+            .AddColumn("module").AddColumn("algorithm").AddColumn(new TableColumn("rank").RightAligned()).AddColumn(new TableColumn("scale").RightAligned()).AddColumn("tensors");
+        foreach (var m in a.Modules.Take(shown))
+            modules.AddRow(new Text(m.Name), new Text(m.Algorithm + (m.Dora ? " + DoRA" : "")), new Text(m.Rank.ToString(CultureInfo.InvariantCulture)),
+                new Text(m.Scale.ToString("G6", CultureInfo.InvariantCulture)), new Text(m.Shapes));
+        console.Write(modules);
+        var hashes = new Table().Title("hashes").AddColumn("hash").AddColumn("value");
+        foreach (var (k, v) in a.Hashes) hashes.AddRow(new Text(k), new Text(v));
+        console.Write(hashes);
+    }
+
+    static void WriteJson(Summary s, AdapterSummary? adapter, string? checkpoint, TextWriter output)
     {
         var root = new JsonObject
         {
@@ -203,6 +251,25 @@ public static class InspectCommand
             ["metadata"] = new JsonObject(s.Metadata.OrderBy(kv => kv.Key, StringComparer.Ordinal)
                 .Select(kv => KeyValuePair.Create<string, JsonNode?>(kv.Key, kv.Value))),
         };
+        if (checkpoint is not null) root["stable_diffusion"] = checkpoint;
+        if (adapter is not null)
+        {
+            root["adapter"] = new JsonObject
+            {
+                ["layouts"] = new JsonArray(adapter.Layouts.Select(l => (JsonNode)JsonValue.Create(l)).ToArray()),
+                ["base"] = new JsonObject { ["family"] = adapter.Base.Family.ToString(), ["description"] = adapter.Base.Description, ["evidence"] = adapter.Base.Evidence },
+                ["hashes"] = new JsonObject(adapter.Hashes.Select(kv => KeyValuePair.Create<string, JsonNode?>(kv.Key, kv.Value))),
+                ["modules"] = new JsonArray(adapter.Modules.Select(m => (JsonNode)new JsonObject
+                {
+                    ["module"] = m.Name,
+                    ["algorithm"] = m.Algorithm.ToString(),
+                    ["rank"] = m.Rank,
+                    ["alpha"] = m.Alpha,
+                    ["scale"] = m.Scale,
+                    ["dora"] = m.Dora,
+                }).ToArray()),
+            };
+        }
         output.WriteLine(root.ToJsonString(new JsonSerializerOptions { WriteIndented = true, Encoder = JavaScriptEncoder.UnsafeRelaxedJsonEscaping }));
     }
 }
