@@ -54,6 +54,14 @@ public sealed class EndToEndReferenceTests : IDisposable
             Assert.True(d <= atol, $"{name} {what}: max |Δlogits| {d:G3} > {atol}");
         }
         Check("adapted", "unmerged");
+
+        // Greedy generation with the adapter (unmerged, cached and full recompute) gives PEFT's token ids.
+        var generation = ReferenceData.ReadJson("llm", LlmManifest["generation"]!.GetValue<string>());
+        var prompt = generation["prompt"]!.AsArray().Select(n => n!.GetValue<int>()).ToList();
+        var expectedIds = generation["adapters"]![name]!.AsArray().Select(n => n!.GetValue<int>()).ToList();
+        foreach (var useCache in new[] { true, false })
+            Assert.Equal(expectedIds, LlamaGenerator.GenerateAll(model, prompt,
+                new GenerationOptions { MaxNewTokens = generation["max_new_tokens"]!.GetValue<int>(), UseCache = useCache }));
         if (entry["scaled"] is { } scaled)
         {
             a.Multiplier = scaled["scale"]!.GetValue<double>();
