@@ -48,6 +48,16 @@ public static class LlamaBenchmark
             var prefillFloor = Median(Enumerable.Range(0, runs).Select(_ => MatmulFloor(model, promptLength, 1)));
             Console.WriteLine($"{dtype,-9} prefill {promptLength / prefill,8:F0} tokens/s ({prefill * 1000:F0} ms; Linear-only floor {prefillFloor * 1000:F0} ms, ratio {prefillFloor / prefill:F2})   " +
                               $"decode {newTokens / decode,6:F1} tokens/s ({decode * 1000 / newTokens:F1} ms/token; Linear-only floor {floor * 1000 / newTokens:F1} ms, ratio {floor / decode:F2})");
+
+            // The same model with an unmerged LoRA r=16 on every decoder Linear (forward hooks), measured right after.
+            using var host = new LoraSharp.Adapters.AdapterHost(model);
+            host.Create("bench", new LoraSharp.Adapters.AdapterConfig { Rank = 16, Alpha = 16, DType = dtype },
+                LoraSharp.Adapters.ModuleSelector.Regex(@"^model\.layers\..*"));
+            Prefill(model, prompt); // warm-up
+            var prefillLora = Median(Enumerable.Range(0, runs).Select(_ => Prefill(model, prompt)));
+            var decodeLora = Median(Enumerable.Range(0, runs).Select(_ => Decode(model, prompt, newTokens)));
+            Console.WriteLine($"{dtype,-9} with LoRA r=16 unmerged: prefill {promptLength / prefillLora,8:F0} tokens/s (time ratio vs base {prefillLora / prefill:F2})   " +
+                              $"decode {newTokens / decodeLora,6:F1} tokens/s (time ratio vs base {decodeLora / decode:F2})");
         }
         return 0;
     }
