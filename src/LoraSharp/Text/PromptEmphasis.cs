@@ -44,8 +44,11 @@ public static class PromptEmphasis
         var z = hidden * weights.to(hidden.dtype).unsqueeze(-1).expand_as(hidden);
         if (mode == EmphasisMode.Original)
         {
+            // A1111 divides by the new mean; where it is exactly 0 (e.g. a final LayerNorm with zero bias) that is
+            // 0/0 = NaN, so the ratio is taken as 1 there instead.
             var newMean = z.mean();
-            z = z * (originalMean / newMean);
+            var ratio = where(newMean.eq(0), ones_like(newMean), originalMean / newMean);
+            z = z * ratio;
         }
         return z.MoveToOuterDisposeScope();
     }

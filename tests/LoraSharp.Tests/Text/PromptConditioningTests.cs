@@ -53,4 +53,15 @@ public class PromptConditioningTests
         var (_, parsed) = PromptConditioning.Encode(Tok.Value, ["a cat <lora:style:0.8>"], FakeEncoder(), CPU);
         Assert.Equal("style", Assert.Single(parsed[0].Loras).Name);
     }
+
+    [Fact]
+    public void Original_emphasis_on_a_zero_mean_output_stays_finite()
+    {
+        using var scope = TorchSharp.torch.NewDisposeScope();
+        // Rows of +1/-1: the mean over the tensor is exactly 0, as after a LayerNorm with zero bias.
+        var hidden = TorchSharp.torch.tensor(new float[] { 1, -1, 1, -1, 2, -2 }).reshape(1, 3, 2);
+        var z = PromptEmphasis.Apply(hidden, TorchSharp.torch.tensor(new float[] { 1f, 1.1f, 1f }));
+        Assert.False(z.isnan().any().item<bool>());
+        Assert.Equal(1.1f * 1, z[0, 1, 0].item<float>(), 5);
+    }
 }
