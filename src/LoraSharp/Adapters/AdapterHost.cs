@@ -495,23 +495,8 @@ public sealed class AdapterHost : IDisposable
         // Prefer candidates sharing the last path component, then edit distance.
         string last = path[(path.LastIndexOf('.') + 1)..];
         return _adaptable
-            .Select(p => (p, d: Levenshtein(p, path) - (p.EndsWith("." + last, StringComparison.Ordinal) || p == last ? 5 : 0)))
+            .Select(p => (p, d: EditDistance.Levenshtein(p, path) - (p.EndsWith("." + last, StringComparison.Ordinal) || p == last ? 5 : 0)))
             .OrderBy(t => t.d).ThenBy(t => t.p, StringComparer.Ordinal).Take(count).Select(t => t.p).ToList();
-    }
-
-    static int Levenshtein(string a, string b)
-    {
-        var prev = new int[b.Length + 1];
-        var cur = new int[b.Length + 1];
-        for (int j = 0; j <= b.Length; j++) prev[j] = j;
-        for (int i = 1; i <= a.Length; i++)
-        {
-            cur[0] = i;
-            for (int j = 1; j <= b.Length; j++)
-                cur[j] = Math.Min(Math.Min(cur[j - 1] + 1, prev[j] + 1), prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1));
-            (prev, cur) = (cur, prev);
-        }
-        return prev[b.Length];
     }
 
     /// <summary>

@@ -153,26 +153,10 @@ public sealed class LoraLibrary
     {
         var lower = name.ToLowerInvariant();
         return _byName.Keys.Concat(_byAlias.Keys).Distinct()
-            .Select(k => (Key: k, Distance: EditDistance(lower, k.ToLowerInvariant())))
+            .Select(k => (Key: k, Distance: EditDistance.Levenshtein(lower, k.ToLowerInvariant())))
             .Where(x => x.Distance <= Math.Max(3, name.Length / 2) || x.Key.Contains(name, StringComparison.OrdinalIgnoreCase) || name.Contains(x.Key, StringComparison.OrdinalIgnoreCase))
             .OrderBy(x => x.Distance).ThenBy(x => x.Key, StringComparer.Ordinal)
             .Take(count).Select(x => x.Key).ToList();
-    }
-
-    /// <summary>Levenshtein distance.</summary>
-    public static int EditDistance(string a, string b)
-    {
-        var prev = new int[b.Length + 1];
-        var cur = new int[b.Length + 1];
-        for (int j = 0; j <= b.Length; j++) prev[j] = j;
-        for (int i = 1; i <= a.Length; i++)
-        {
-            cur[0] = i;
-            for (int j = 1; j <= b.Length; j++)
-                cur[j] = Math.Min(Math.Min(cur[j - 1] + 1, prev[j] + 1), prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1));
-            (prev, cur) = (cur, prev);
-        }
-        return prev[b.Length];
     }
 
     static bool IsUnder(string path, string root)
