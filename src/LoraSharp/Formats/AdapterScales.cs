@@ -6,7 +6,7 @@ namespace LoraSharp.Formats;
 public static class AdapterScales
 {
     /// <summary>The r of alpha/r (0 when nothing is decomposed, e.g. LoKr with two full factors under LyCORIS rules).</summary>
-    public static int RankFor(ModuleAdapterWeights m) => m.Rank ?? AdapterFile.RankOf(m.Algorithm, m.Tensors);
+    public static int RankFor(ModuleAdapterWeights m) => (int)(m.Rank ?? AdapterFile.RankOf(m.Algorithm, m.Tensors));
 
     /// <summary>
     /// alpha/r (alpha/√r for rsLoRA); alpha missing → 1; LoKr with neither factor decomposed → 1 under LyCORIS

@@ -1,0 +1,109 @@
+using System.Globalization;
+using System.Text.RegularExpressions;
+
+namespace LoraSharp.Training.Diffusion;
+
+/// <summary>One <c>&lt;repeats&gt;_&lt;class tokens&gt;</c> folder (kohya DreamBooth convention).</summary>
+public sealed record ConceptFolder(string Path, string Name, int Repeats, string ClassTokens, bool IsRegularization);
+
+/// <summary>One training image with its caption (sidecar file, or the folder's class tokens).</summary>
+public sealed record TrainImage(string Path, string Caption, ConceptFolder Folder)
+{
+    public bool IsRegularization => Folder.IsRegularization;
+}
+
+/// <summary>
+/// kohya's folder dataset: <c>train_data_dir/10_sks dog/*.png</c> = 10 repeats of concept "sks dog"; captions from
+/// <c>&lt;image&gt;&lt;caption_extension&gt;</c> next to the image, else the class tokens. Regularisation folders follow the
+/// same convention.
+/// </summary>
+public static partial class FolderDataset
+{
+    public static readonly string[] ImageExtensions = [".png", ".jpg", ".jpeg", ".webp", ".bmp"];
+
+    [GeneratedRegex(@"^(\d+)_(.*)$", RegexOptions.CultureInvariant)]
+    private static partial Regex FolderName();
+
+    /// <summary>Parses a folder name: "10_sks dog" → (10, "sks dog"); null when the name does not follow the convention.</summary>
+    public static (int Repeats, string ClassTokens)? ParseFolderName(string name)
+    {
+        var m = FolderName().Match(name);
+        if (!m.Success || !int.TryParse(m.Groups[1].Value, NumberStyles.None, CultureInfo.InvariantCulture, out int repeats)) return null;
+        return (repeats, m.Groups[2].Value.Trim());
+    }
+
+    /// <summary>The concept folders under a dataset root; folders not named &lt;repeats&gt;_&lt;tokens&gt; are reported in <paramref name="skipped"/>.</summary>
+    public static List<ConceptFolder> Concepts(string root, bool regularization, List<string>? skipped = null)
+    {
+        if (!Directory.Exists(root)) throw new LoraSharpException("dataset folder not found", root, regularization ? "reg_data_dir" : "train_data_dir");
+        var list = new List<ConceptFolder>();
+        foreach (var dir in Directory.GetDirectories(root).OrderBy(d => d, StringComparer.Ordinal))
+        {
+            var name = System.IO.Path.GetFileName(dir);
+            if (ParseFolderName(name) is not { } p)
+            {
+                skipped?.Add($"{dir}: folder name is not <repeats>_<class tokens>, ignored");
+                continue;
+            }
+            if (p.Repeats < 1) { skipped?.Add($"{dir}: 0 repeats, ignored"); continue; }
+            list.Add(new ConceptFolder(dir, name, p.Repeats, p.ClassTokens, regularization));
+        }
+        return list;
+    }
+
+    /// <summary>The images of a concept folder (sorted by name) with their captions.</summary>
+    public static List<TrainImage> Images(ConceptFolder folder, string captionExtension)
+    {
+        var list = new List<TrainImage>();
+        foreach (var file in Directory.GetFiles(folder.Path).OrderBy(f => f, StringComparer.Ordinal))
+        {
+            if (!ImageExtensions.Contains(System.IO.Path.GetExtension(file).ToLowerInvariant())) continue;
+            list.Add(new TrainImage(file, ReadCaption(file, captionExtension) ?? folder.ClassTokens, folder));
+        }
+        return list;
+    }
+
+    /// <summary>The sidecar caption (first line, trimmed) or null when there is none.</summary>
+    public static string? ReadCaption(string imagePath, string captionExtension)
+    {
+        var ext = captionExtension.StartsWith('.') ? captionExtension : "." + captionExtension;
+        var p = System.IO.Path.ChangeExtension(imagePath, null) + ext;
+        if (!File.Exists(p)) return null;
+        var text = File.ReadAllText(p);
+        var first = text.Split('\n').Select(l => l.Trim()).FirstOrDefault(l => l.Length > 0);
+        return first;
+    }
+
+    /// <summary>kohya ss_tag_frequency: per folder name, the count of each comma-separated tag over its images.</summary>
+    public static Dictionary<string, Dictionary<string, int>> TagFrequency(IEnumerable<TrainImage> images)
+    {
+        var result = new Dictionary<string, Dictionary<string, int>>(StringComparer.Ordinal);
+        foreach (var img in images)
+        {
+            if (!result.TryGetValue(img.Folder.Name, out var counts)) result[img.Folder.Name] = counts = new(StringComparer.Ordinal);
+            foreach (var tag in img.Caption.Split(',').Select(t => t.Trim()).Where(t => t.Length > 0))
+                counts[tag] = counts.GetValueOrDefault(tag) + 1;
+        }
+        return result;
+    }
+}
+
+/// <summary>kohya caption processing per step: caption dropout, tag shuffle with the first <c>keep_tokens</c> tags fixed.</summary>
+public sealed class CaptionProcessor(bool shuffle, int keepTokens, double dropoutRate)
+{
+    public bool Shuffle { get; } = shuffle;
+    public int KeepTokens { get; } = keepTokens;
+    public double DropoutRate { get; } = dropoutRate;
+
+    /// <summary>The caption for one step ("" when dropped).</summary>
+    public string Process(string caption, Random rng)
+    {
+        if (DropoutRate > 0 && rng.NextDouble() < DropoutRate) return "";
+        if (!Shuffle) return caption;
+        var tags = caption.Split(',').Select(t => t.Trim()).Where(t => t.Length > 0).ToList();
+        int keep = Math.Min(KeepTokens, tags.Count);
+        var rest = tags.Skip(keep).ToArray();
+        rng.Shuffle(rest);
+        return string.Join(", ", tags.Take(keep).Concat(rest));
+    }
+}

@@ -1,0 +1,118 @@
+using System.Globalization;
+using System.Text.Json;
+using LoraSharp.Adapters;
+
+namespace LoraSharp.Training.Diffusion;
+
+/// <summary>
+/// What network <c>network_module</c> + <c>network_args</c> describe, and which modules kohya trains:
+/// UNet — Linear and 1×1-conv children of Transformer2DModel (<c>attentions.N</c>), and with <c>conv_dim</c> also
+/// the children of ResnetBlock2D / Downsample2D / Upsample2D (3×3 convs get conv_dim/conv_alpha); text encoders —
+/// the Linears of CLIPAttention and CLIPMLP (q/k/v/out_proj, fc1, fc2).
+/// </summary>
+public sealed record NetworkSpec
+{
+    /// <summary>lora, locon, loha, lokr or dylora.</summary>
+    public required string Kind { get; init; }
+    /// <summary>What kohya writes in ss_network_module.</summary>
+    public required string KohyaModule { get; init; }
+    public required AdapterConfig Adapter { get; init; }
+    /// <summary>Train resnet / sampler convs as well (LoCon, kohya "C3Lier").</summary>
+    public bool Conv { get; init; }
+    /// <summary>ss_network_args (JSON object of the network args kohya records).</summary>
+    public required IReadOnlyDictionary<string, string> Args { get; init; }
+
+    public const string UnetAttentionPattern = @"unet\.(down_blocks\.\d+\.attentions|mid_block\.attentions|up_blocks\.\d+\.attentions)\.\d+\..+";
+    public const string UnetConvPattern = @"unet\.((down_blocks|up_blocks)\.\d+\.(resnets\.\d+|downsamplers\.0|upsamplers\.0)|mid_block\.resnets\.\d+)\..+";
+    public const string TextEncoderPattern = @"text_encoder(_2)?\.text_model\.encoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))";
+
+    /// <summary>The UNet modules to train.</summary>
+    public ModuleSelector UnetSelector()
+    {
+        var s = ModuleSelector.Regex(UnetAttentionPattern);
+        return Conv ? s.IncludeRegex(UnetConvPattern) : s;
+    }
+
+    /// <summary>The text encoder modules to train (both encoders of SDXL).</summary>
+    public static ModuleSelector TextEncoderSelector() => ModuleSelector.Regex(TextEncoderPattern);
+
+    /// <summary>Builds the spec from a config; bad values throw naming the option.</summary>
+    public static NetworkSpec From(SdTrainConfig c)
+    {
+        var args = c.NetworkArgDictionary();
+        double? Arg(string k)
+        {
+            if (!args.TryGetValue(k, out var v)) return null;
+            if (!double.TryParse(v, NumberStyles.Float, CultureInfo.InvariantCulture, out var d))
+                throw new LoraSharpException($"network_args {k}={v}: expected a number", "config", "network_args");
+            return d;
+        }
+        bool Flag(string k) => args.TryGetValue(k, out var v) && v.ToLowerInvariant() is "true" or "1" or "yes";
+
+        string module = c.NetworkModule.Trim();
+        string kind = module switch
+        {
+            "lora" or "networks.lora" => "lora",
+            "locon" => "locon",
+            "loha" => "loha",
+            "lokr" => "lokr",
+            "dylora" or "networks.dylora" => "dylora",
+            "lycoris.kohya" => (args.TryGetValue("algo", out var algo) ? algo.ToLowerInvariant() : "lora") switch
+            {
+                "lora" or "locon" => "locon",
+                "loha" => "loha",
+                "lokr" => "lokr",
+                "dylora" => "dylora",
+                var other => throw new LoraSharpException($"network_args algo={other} is not supported (expected lora, locon, loha, lokr or dylora)", "config", "network_args"),
+            },
+            _ => throw new LoraSharpException($"network_module '{module}' is not supported (expected lora, locon, loha, lokr, dylora, networks.lora, networks.dylora or lycoris.kohya)", "config", "network_module"),
+        };
+        int? convDim = c.ConvDim ?? (int?)Arg("conv_dim");
+        double? convAlpha = c.ConvAlpha ?? Arg("conv_alpha");
+        // kohya: conv_alpha defaults to 1 when conv_dim is given; "locon" always trains convs (LyCORIS default conv_dim = dim).
+        if (kind == "locon" && convDim is null) convDim = c.NetworkDim;
+        if (convDim is not null && convAlpha is null) convAlpha = 1;
+        bool conv = convDim is not null || ((kind is "loha" or "lokr") && args.ContainsKey("conv_dim"));
+        var dropout = new AdapterDropout
+        {
+            Network = c.NetworkDropout ?? Arg("dropout") ?? 0,
+            Rank = c.RankDropout ?? Arg("rank_dropout") ?? 0,
+            Module = c.ModuleDropout ?? Arg("module_dropout") ?? 0,
+        };
+        foreach (var (n, p) in new[] { ("network_dropout", dropout.Network), ("rank_dropout", dropout.Rank), ("module_dropout", dropout.Module) })
+            if (p < 0 || p >= 1) throw new LoraSharpException($"must be in [0, 1), got {p}", "config", n);
+        var adapter = new AdapterConfig
+        {
+            Algorithm = kind switch { "loha" => AdapterAlgorithm.LoHa, "lokr" => AdapterAlgorithm.LoKr, _ => AdapterAlgorithm.LoRA },
+            Rank = c.NetworkDim,
+            Alpha = c.NetworkAlpha,
+            ConvRank = convDim,
+            ConvAlpha = convAlpha,
+            DyLoraUnit = kind == "dylora" ? (int)(Arg("unit") ?? 1) : null,
+            Dropout = dropout,
+            LokrFactor = (int)(Arg("factor") ?? -1),
+            DecomposeBoth = Flag("decompose_both"),
+            UseTucker = Flag("use_tucker") || Flag("use_cp"),
+        };
+        if (adapter.DyLoraUnit is { } u && (u < 1 || c.NetworkDim % u != 0))
+            throw new LoraSharpException($"DyLoRA unit {u} must divide network_dim {c.NetworkDim}", "config", "network_args");
+        var recorded = new SortedDictionary<string, string>(StringComparer.Ordinal);
+        foreach (var (k, v) in args) recorded[k] = v;
+        if (convDim is not null) recorded["conv_dim"] = convDim.Value.ToString(CultureInfo.InvariantCulture);
+        if (convAlpha is not null) recorded["conv_alpha"] = convAlpha.Value.ToString(CultureInfo.InvariantCulture);
+        if (kind is "locon" or "loha" or "lokr" && !recorded.ContainsKey("algo")) recorded["algo"] = kind == "locon" ? "locon" : kind;
+        if (dropout.Rank > 0) recorded["rank_dropout"] = dropout.Rank.ToString(CultureInfo.InvariantCulture);
+        if (dropout.Module > 0) recorded["module_dropout"] = dropout.Module.ToString(CultureInfo.InvariantCulture);
+        return new NetworkSpec
+        {
+            Kind = kind,
+            KohyaModule = kind switch { "lora" => "networks.lora", "dylora" => "networks.dylora", _ => "lycoris.kohya" },
+            Adapter = adapter,
+            Conv = conv,
+            Args = recorded,
+        };
+    }
+
+    /// <summary>ss_network_args value.</summary>
+    public string ArgsJson() => JsonSerializer.Serialize(Args);
+}

@@ -1,0 +1,497 @@
+using System.Diagnostics;
+using System.Globalization;
+using System.Text.Json;
+using LoraSharp.Adapters;
+using LoraSharp.Diffusion;
+using LoraSharp.Formats;
+using LoraSharp.Imaging;
+using LoraSharp.IO;
+using LoraSharp.Models.StableDiffusion;
+using LoraSharp.Text;
+using LoraSharp.Training.Optim;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace LoraSharp.Training.Diffusion;
+
+/// <summary>One progress report (after every optimizer step).</summary>
+public sealed record TrainProgress(int Epoch, int Epochs, long Step, long TotalSteps, double Loss, double AverageLoss, double LearningRate, double StepsPerSecond, TimeSpan Eta);
+
+/// <summary>What a training run produced.</summary>
+public sealed record SdTrainResult
+{
+    public required string AdapterPath { get; init; }
+    public required IReadOnlyList<string> SavedAdapters { get; init; }
+    public required IReadOnlyList<string> SampleImages { get; init; }
+    public string? LossCurvePath { get; init; }
+    public required IReadOnlyList<double> Losses { get; init; }
+    public required long Steps { get; init; }
+    public required int Epochs { get; init; }
+    public MemoryPlan? MemoryPlan { get; init; }
+    public required double SecondsPerStep { get; init; }
+}
+
+/// <summary>
+/// kohya-style LoRA / LyCORIS training of Stable Diffusion 1.x, 2.x (v-prediction) and SDXL on TorchSharp:
+/// folder dataset with buckets and captions, cached or on-the-fly VAE latents, DDPM noise with noise offset /
+/// multi-resolution noise / min-SNR weights, UNet and text-encoder adapters with their own learning rates,
+/// gradient accumulation and clipping, optional block checkpointing, adapters saved every N epochs in the kohya
+/// layout with ss_* metadata and hashes, sample images, a loss curve and resumable state.
+/// </summary>
+public sealed class SdTrainer : IDisposable
+{
+    const string AdapterName = "lora";
+    readonly SdTrainConfig _c;
+    readonly Action<string> _log;
+    StableDiffusionModel? _model;
+    AdapterHost? _host;
+    ITrainingOptimizer? _optimizer;
+    LatentCache? _cache;
+    GradientCheckpointing? _checkpointing;
+
+    /// <summary>Called after every optimizer step.</summary>
+    public event Action<TrainProgress>? Progress;
+
+    public SdTrainer(SdTrainConfig config, Action<string>? log = null)
+    {
+        config.Validate();
+        _c = config;
+        _log = log ?? (_ => { });
+    }
+
+    /// <summary>The loaded model (after <see cref="Train"/> started; the adapter stays attached).</summary>
+    public StableDiffusionModel? Model => _model;
+    public AdapterHost? Host => _host;
+
+    static ScalarType ComputeDType(string mp) => mp switch { "bf16" => ScalarType.BFloat16, "fp16" => ScalarType.Float16, _ => ScalarType.Float32 };
+
+    public SdTrainResult Train(CancellationToken cancel = default)
+    {
+        var c = _c;
+        long seed = c.Seed ?? Random.Shared.NextInt64(0, 1L << 31);
+        manual_seed(seed);
+        var started = DateTimeOffset.UtcNow;
+        Directory.CreateDirectory(c.OutputDir);
+
+        // ---- data
+        var data = TrainingDataset.Load(c);
+        foreach (var p in data.Problems) _log("dataset: " + p);
+        _log($"dataset: {data.Train.Count} train image(s) ({data.TrainImagesWithRepeats} with repeats), {data.Regularization.Count} regularisation image(s), " +
+             $"buckets used: {string.Join(" ", data.Train.Concat(data.Regularization).Select(p => $"{p.Bucket.W}x{p.Bucket.H}").Distinct())}");
+
+        // ---- model
+        var dtype = ComputeDType(c.MixedPrecision);
+        _model = StableDiffusionModel.Load(c.PretrainedModelNameOrPath, new StableDiffusionLoadOptions { DType = dtype });
+        var model = _model;
+        var family = model.Family;
+        bool sdxl = family == StableDiffusionFamily.SDXLBase;
+        if (family is StableDiffusionFamily.SDXLRefiner or StableDiffusionFamily.Unknown)
+            throw new LoraSharpException($"training a {family} model is not supported (SD1.x, SD2.x and SDXL base are)", c.PretrainedModelNameOrPath, "pretrained_model_name_or_path");
+        if (model.Vae is null || (model.TextEncoder is null && model.TextEncoder2 is null))
+            throw new LoraSharpException("the model needs a VAE and its text encoder(s)", c.PretrainedModelNameOrPath, "pretrained_model_name_or_path");
+        var schedule = ScheduleFor(c.PretrainedModelNameOrPath);
+        bool vpred = c.VParameterization || schedule.Prediction == PredictionType.VPrediction;
+        schedule = schedule with { Prediction = vpred ? PredictionType.VPrediction : PredictionType.Epsilon };
+        var noise = new DiffusionNoise(schedule);
+        var tok1 = LoadTokenizer(c, sdxl ? "tokenizer" : "tokenizer", padId: null);
+        var tok2 = sdxl ? LoadTokenizer(c, "tokenizer_2", padId: 0) : null;
+        _log($"model: {family}{(vpred ? " (v-prediction)" : "")}, {dtype}, UNet {StableDiffusionModel.ParameterCount(model.Unet) / 1e6:0.0}M parameters");
+
+        // ---- network
+        var spec = NetworkSpec.From(c);
+        _host = new AdapterHost(model);
+        var host = _host;
+        host.FreezeBase();
+        double unetLr = c.UnetLr ?? c.LearningRate, teLr = c.TextEncoderLr ?? c.LearningRate;
+        bool trainUnet = !c.NetworkTrainTextEncoderOnly && unetLr > 0;
+        bool trainTe = !c.NetworkTrainUnetOnly && teLr > 0;
+        if (!trainUnet && !trainTe) throw new LoraSharpException("nothing to train: both learning rates are 0 or both parts are excluded", "config", "unet_lr");
+        AttachedAdapter adapter;
+        if (c.NetworkWeights is { Length: > 0 } nw)
+        {
+            using var loaded = AdapterFile.Read(nw, ModuleIndex.FromModule(model));
+            adapter = host.Attach(loaded.Weights, AdapterName, options: new AttachOptions { Trainable = true });
+            _log($"network: continued from {nw}: {adapter.Report}");
+        }
+        else
+        {
+            var selector = new ModuleSelector();
+            if (trainUnet) selector.IncludeRegex(NetworkSpec.UnetAttentionPattern);
+            if (trainUnet && spec.Conv) selector.IncludeRegex(NetworkSpec.UnetConvPattern);
+            if (trainTe) selector.IncludeRegex(NetworkSpec.TextEncoderPattern);
+            adapter = host.Create(AdapterName, spec.Adapter, selector);
+        }
+        var named = host.NamedTrainableParameters(AdapterName);
+        var unetParams = named.Where(p => ModulePathOf(p.Name).StartsWith("unet.", StringComparison.Ordinal)).Select(p => p.Param).ToList();
+        var teParams = named.Where(p => ModulePathOf(p.Name).StartsWith("text_encoder", StringComparison.Ordinal)).Select(p => p.Param).ToList();
+        if (!trainUnet) foreach (var p in unetParams) p.requires_grad = false;
+        if (!trainTe) foreach (var p in teParams) p.requires_grad = false;
+        long adapterParams = named.Sum(p => p.Param.numel());
+        _log($"network: {spec.Kind} dim {c.NetworkDim} alpha {c.NetworkAlpha}{(spec.Conv ? $" conv_dim {spec.Adapter.ConvRank} conv_alpha {spec.Adapter.ConvAlpha}" : "")}, " +
+             $"{adapter.Modules.Count(m => m.ModulePath.StartsWith("unet.", StringComparison.Ordinal))} UNet + {adapter.Modules.Count(m => m.ModulePath.StartsWith("text_encoder", StringComparison.Ordinal))} text encoder modules, {adapterParams / 1e6:0.00}M parameters");
+
+        // ---- memory plan
+        string optimizerName = OptimizerFactory.Normalize(c.OptimizerType);
+        bool checkpointing = c.GradientCheckpointing, cacheLatents = c.CacheLatents || c.CacheLatentsToDisk;
+        MemoryPlan? plan = null;
+        if (c.AutoMemory)
+        {
+            var maxBucket = data.Train.Concat(data.Regularization).Select(p => p.Bucket).MaxBy(b => (long)b.W * b.H);
+            plan = MemoryPlanner.Plan(new MemoryPlanInput
+            {
+                Unet = model.Unet.Config,
+                ModelBytes = model.parameters().Sum(p => p.numel() * p.element_size()),
+                AdapterParameters = adapterParams,
+                BatchSize = c.TrainBatchSize,
+                MaxImageSize = maxBucket,
+                ActivationBytes = dtype == ScalarType.Float32 ? 4 : 2,
+                Optimizer = optimizerName,
+            }, forceCheckpointing: c.GradientCheckpointing, forceCache: cacheLatents);
+            checkpointing |= plan.GradientCheckpointing;
+            cacheLatents |= plan.CacheLatents;
+            if (plan.EightBitOptimizer && optimizerName == "AdamW") optimizerName = "AdamW8bit";
+            _log(plan.ToString());
+        }
+        if (checkpointing) _checkpointing = GradientCheckpointing.Apply(model.Unet);
+
+        // ---- optimizer
+        var groups = new List<ParamGroup>();
+        if (trainUnet && unetParams.Count > 0) groups.Add(new ParamGroup("unet", unetParams, unetLr));
+        if (trainTe && teParams.Count > 0) groups.Add(new ParamGroup("text_encoder", teParams, teLr));
+        _optimizer = OptimizerFactory.Create(optimizerName, groups, c.OptimizerArgs);
+        var optimizer = _optimizer;
+
+        // ---- schedule of steps
+        int batchesPerEpoch = data.BatchesPerEpoch(c.TrainBatchSize);
+        int stepsPerEpoch = Math.Max(1, (batchesPerEpoch + c.GradientAccumulationSteps - 1) / c.GradientAccumulationSteps);
+        long totalSteps = c.MaxTrainEpochs is { } me ? (long)me * stepsPerEpoch : c.MaxTrainSteps;
+        int epochs = (int)((totalSteps + stepsPerEpoch - 1) / stepsPerEpoch);
+        long warmup = LrSchedule.WarmupSteps(c.LrWarmupSteps, totalSteps);
+        _log($"training: {epochs} epoch(s) × {stepsPerEpoch} step(s) = {totalSteps} steps, batch {c.TrainBatchSize} × accumulation {c.GradientAccumulationSteps}, " +
+             $"{optimizer.Name}, lr unet {unetLr:G3} te {teLr:G3}, {c.LrScheduler} (warm-up {warmup}), checkpointing {(checkpointing ? "on" : "off")}, cached latents {(cacheLatents ? "on" : "off")}, seed {seed}");
+
+        // ---- latents
+        var vae = model.Vae!;
+        vae.eval();
+        _cache = new LatentCache(vae, c.CacheLatentsToDisk ? Path.Combine(c.OutputDir, "latent_cache") : null, keepInMemory: cacheLatents);
+        if (cacheLatents)
+        {
+            var sw = Stopwatch.StartNew();
+            foreach (var p in data.Train.Concat(data.Regularization)) _cache.Get(p).Dispose();
+            _log($"latents: {_cache.Encoded} encoded, {_cache.DiskHits} read from disk in {sw.Elapsed.TotalSeconds:0.0} s");
+        }
+
+        // ---- resume
+        long step = 0;
+        int startEpoch = 0;
+        if (c.Resume is { Length: > 0 } resume)
+        {
+            var st = TrainState.Load(resume, host, optimizer);
+            step = st.Step;
+            startEpoch = st.Epoch;
+            _log($"resumed from {resume}: epoch {st.Epoch}, step {st.Step}");
+        }
+
+        // ---- metadata shared by every save
+        var metaBase = KohyaMetadata.Build(c, spec, data, family, vpred, seed, started, optimizer, unetLr, teLr, totalSteps, epochs, batchesPerEpoch, warmup, checkpointing, cacheLatents);
+        var saved = new List<string>();
+        var samples = new List<string>();
+        var losses = new List<double>();
+        var captions = new CaptionProcessor(c.ShuffleCaption, c.KeepTokens, c.CaptionDropoutRate);
+        var sampleFile = c.SamplePrompts is { Length: > 0 } sp ? SamplePromptFile.Read(sp) : null;
+        var swTotal = Stopwatch.StartNew();
+        long stepsThisRun = 0;
+        double emaLoss = double.NaN;
+        using var generator = new Generator((ulong)seed + 1);
+
+        for (int epoch = startEpoch; epoch < epochs && step < totalSteps; epoch++)
+        {
+            var rng = new Random(HashCode.Combine(seed, epoch));
+            var batches = data.EpochBatches(c.TrainBatchSize, rng);
+            model.Unet.train();
+            model.TextEncoder?.train();
+            model.TextEncoder2?.train();
+            int accumulated = 0;
+            double accLoss = 0;
+            for (int bi = 0; bi < batches.Count && step < totalSteps; bi++)
+            {
+                cancel.ThrowIfCancellationRequested();
+                double lossValue = TrainBatch(batches[bi], captions, rng, noise, tok1, tok2, sdxl, vpred, trainTe, c.GradientAccumulationSteps, generator);
+                accLoss += lossValue;
+                accumulated++;
+                bool last = bi == batches.Count - 1;
+                if (accumulated < c.GradientAccumulationSteps && !last) continue;
+
+                foreach (var g in optimizer.Groups)
+                    g.LearningRate = g.BaseLearningRate * LrSchedule.Factor(c.LrScheduler, step, warmup, totalSteps, c.LrSchedulerNumCycles, c.LrSchedulerPower);
+                if (c.MaxGradNorm > 0)
+                    nn.utils.clip_grad_norm_(optimizer.Groups.SelectMany(g => g.Parameters).Where(p => p.grad is not null), c.MaxGradNorm);
+                optimizer.Step();
+                optimizer.ZeroGrad();
+                step++;
+                stepsThisRun++;
+                double loss = accLoss / accumulated;
+                accumulated = 0;
+                accLoss = 0;
+                losses.Add(loss);
+                emaLoss = double.IsNaN(emaLoss) ? loss : 0.9 * emaLoss + 0.1 * loss;
+                if (step % 8 == 0) { GC.Collect(); GC.WaitForPendingFinalizers(); }
+                double sps = stepsThisRun / Math.Max(1e-9, swTotal.Elapsed.TotalSeconds);
+                Progress?.Invoke(new TrainProgress(epoch + 1, epochs, step, totalSteps, loss, emaLoss, optimizer.Groups[0].LearningRate, sps,
+                    TimeSpan.FromSeconds((totalSteps - step) / Math.Max(sps, 1e-9))));
+            }
+
+            int epochNo = epoch + 1;
+            bool finalEpoch = epochNo == epochs || step >= totalSteps;
+            if (c.SaveEveryNEpochs is { } every && epochNo % every == 0 && !finalEpoch)
+            {
+                saved.Add(SaveAdapter(EpochFileName(epochNo), metaBase, epochNo, step, sdxl));
+                if (c.SaveLastNEpochs is { } keep)
+                {
+                    int old = epochNo - keep * every;
+                    if (old > 0)
+                    {
+                        var oldPath = Path.Combine(c.OutputDir, EpochFileName(old));
+                        if (File.Exists(oldPath)) { File.Delete(oldPath); saved.Remove(oldPath); }
+                    }
+                }
+                if (c.SaveState) TrainState.Save(Path.Combine(c.OutputDir, c.OutputName + "-state"), host, optimizer, epochNo, step, seed);
+            }
+            if (sampleFile is not null && c.SampleEveryNEpochs is { } se && epochNo % se == 0)
+                samples.AddRange(SampleImages(sampleFile, epochNo, tok1, tok2, schedule, seed));
+        }
+
+        var final = SaveAdapter(c.OutputName + "." + Extension(c.SaveModelAs), metaBase, epochs, step, sdxl);
+        saved.Add(final);
+        if (c.SaveState) TrainState.Save(Path.Combine(c.OutputDir, c.OutputName + "-state"), host, optimizer, epochs, step, seed);
+        string? curve = null;
+        if (losses.Count > 0)
+        {
+            curve = Path.Combine(c.OutputDir, c.OutputName + "_loss.png");
+            LossCurve.Save(curve, losses, $"{c.OutputName}: {spec.Kind} dim {c.NetworkDim}, {optimizer.Name}");
+        }
+        return new SdTrainResult
+        {
+            AdapterPath = final, SavedAdapters = saved, SampleImages = samples, LossCurvePath = curve, Losses = losses, Steps = step, Epochs = epochs,
+            MemoryPlan = plan, SecondsPerStep = stepsThisRun == 0 ? 0 : swTotal.Elapsed.TotalSeconds / stepsThisRun,
+        };
+    }
+
+    static string ModulePathOf(string namedParameter)
+    {
+        // "adapter/module path/parameter"
+        int a = namedParameter.IndexOf('/');
+        int b = namedParameter.LastIndexOf('/');
+        return namedParameter[(a + 1)..b];
+    }
+
+    string EpochFileName(int epoch) => $"{_c.OutputName}-{epoch:000000}.{Extension(_c.SaveModelAs)}";
+    static string Extension(string saveAs) => saveAs;
+
+    static ScheduleConfig ScheduleFor(string modelPath)
+    {
+        var json = Path.Combine(modelPath, "scheduler", "scheduler_config.json");
+        return Directory.Exists(modelPath) && File.Exists(json) ? ScheduleConfig.FromDiffusersJson(json) with { Spacing = null } : ScheduleConfig.StableDiffusion;
+    }
+
+    static ClipTokenizer LoadTokenizer(SdTrainConfig c, string sub, int? padId)
+    {
+        string? folder = null;
+        if (c.TokenizerPath is { Length: > 0 } tp)
+            folder = sub == "tokenizer_2" && Directory.Exists(Path.Combine(tp, sub)) ? Path.Combine(tp, sub) : tp;
+        else if (Directory.Exists(c.PretrainedModelNameOrPath) && Directory.Exists(Path.Combine(c.PretrainedModelNameOrPath, sub)))
+            folder = Path.Combine(c.PretrainedModelNameOrPath, sub);
+        if (folder is null)
+            throw new LoraSharpException($"no {sub} folder found next to the model; give the CLIP tokenizer folder (vocab.json + merges.txt) with tokenizer_path",
+                c.PretrainedModelNameOrPath, "tokenizer_path");
+        return ClipTokenizer.FromFolder(folder, padId);
+    }
+
+    /// <summary>Text conditioning for captions: SD1/2 [B, 77, C] (clip skip, final norm); SDXL context + pooled embeds.</summary>
+    (Tensor Context, Tensor? Pooled) EncodeText(IReadOnlyList<string> texts, ClipTokenizer tok1, ClipTokenizer? tok2, bool sdxl)
+    {
+        var model = _model!;
+        var device = model.Unet.parameters().First().device;
+        Tensor Ids(ClipTokenizer t) => tensor(texts.SelectMany(s => t.Encode(s).Select(i => (long)i)).ToArray(), dtype: ScalarType.Int64, device: device).reshape(texts.Count, t.MaxLength);
+        if (!sdxl)
+        {
+            var te = model.TextEncoder!;
+            return (te.Encode(Ids(tok1), _c.ClipSkip ?? 1, applyFinalLayerNorm: true), null);
+        }
+        using var o1 = model.TextEncoder!.call(Ids(tok1));
+        using var o2 = model.TextEncoder2!.call(Ids(tok2!));
+        int skip = Math.Max(2, _c.ClipSkip ?? 2);
+        var ctx = cat([o1.HiddenStates[o1.HiddenStates.Count - skip], o2.HiddenStates[o2.HiddenStates.Count - skip]], -1);
+        return (ctx, o2.TextEmbeds!.clone());
+    }
+
+    double TrainBatch(List<PlacedImage> batch, CaptionProcessor captions, Random rng, DiffusionNoise noise, ClipTokenizer tok1, ClipTokenizer? tok2,
+        bool sdxl, bool vpred, bool trainTe, int accumulation, Generator generator)
+    {
+        var c = _c;
+        var model = _model!;
+        using var scope = NewDisposeScope();
+        var unetParam = model.Unet.parameters().First();
+        var device = unetParam.device;
+        var latents = stack(batch.Select(p => _cache!.Get(p)).ToArray()).to(device);
+        var texts = batch.Select(p => captions.Process(p.Image.Caption, rng)).ToList();
+        Tensor context, pooled;
+        if (trainTe) { var (ctx, pl) = EncodeText(texts, tok1, tok2, sdxl); context = ctx; pooled = pl!; }
+        else
+        {
+            using var _ = no_grad();
+            var (ctx, pl) = EncodeText(texts, tok1, tok2, sdxl);
+            context = ctx; pooled = pl!;
+        }
+        long b = latents.shape[0];
+        var eps = randn(latents.shape, generator: generator).to(device);
+        if (c.NoiseOffset > 0) eps = DiffusionNoise.ApplyNoiseOffset(eps, c.NoiseOffset, generator);
+        if (c.MultiresNoiseIterations > 0) eps = DiffusionNoise.PyramidNoise(eps, c.MultiresNoiseIterations, c.MultiresNoiseDiscount, rng, generator);
+        var t = DiffusionNoise.SampleTimesteps(b, c.MinTimestep, c.MaxTimestep, device, generator);
+        var noisy = noise.AddNoise(latents, eps, t).to_type(unetParam.dtype);
+        Tensor? timeIds = null;
+        if (sdxl)
+        {
+            timeIds = tensor(batch.SelectMany(p => new float[] { p.OriginalHeight, p.OriginalWidth, p.Placement.CropTop, p.Placement.CropLeft, p.Placement.BucketHeight, p.Placement.BucketWidth })
+                .ToArray(), device: device).reshape(b, 6);
+        }
+        var pred = model.Unet.Predict(noisy, t, context.to_type(unetParam.dtype), sdxl ? pooled.to_type(unetParam.dtype) : null, timeIds).to_type(ScalarType.Float32);
+        var target = vpred ? noise.VelocityTarget(latents, eps, t) : eps.to_type(ScalarType.Float32);
+        var perSample = (pred - target).pow(2).mean([1, 2, 3]);
+        var weights = tensor(batch.Select(p => p.Image.IsRegularization ? (float)c.PriorLossWeight : 1f).ToArray(), device: device);
+        perSample = perSample * weights;
+        if (c.MinSnrGamma is { } gamma) perSample = perSample * noise.MinSnrWeights(t, gamma, vpred).to(device);
+        var loss = perSample.mean();
+        (loss / accumulation).backward();
+        return loss.item<float>();
+    }
+
+    string SaveAdapter(string fileName, Dictionary<string, string> metaBase, int epoch, long step, bool sdxl)
+    {
+        var c = _c;
+        var path = Path.Combine(c.OutputDir, fileName);
+        var meta = new Dictionary<string, string>(metaBase, StringComparer.Ordinal)
+        {
+            ["ss_epoch"] = epoch.ToString(CultureInfo.InvariantCulture),
+            ["ss_steps"] = step.ToString(CultureInfo.InvariantCulture),
+            ["ss_training_finished_at"] = DateTimeOffset.UtcNow.ToUnixTimeSeconds().ToString(CultureInfo.InvariantCulture),
+        };
+        using var weights = _host![AdapterName].Export();
+        var options = new KohyaWriteOptions
+        {
+            Metadata = meta,
+            NameOf = KohyaNames(_model!, sdxl),
+            SaveDType = c.SavePrecision switch { "fp16" => ScalarType.Float16, "bf16" => ScalarType.BFloat16, "float" => ScalarType.Float32, _ => null },
+        };
+        if (c.SaveModelAs == "safetensors")
+        {
+            KohyaAdapterWriter.Write(path, weights, options);
+        }
+        else
+        {
+            var tmp = path + ".tmp.safetensors";
+            try
+            {
+                KohyaAdapterWriter.Write(tmp, weights, options);
+                using var src = SafetensorsFile.Open(tmp);
+                TorchCheckpointWriter.Write(path, src.Keys.Select(k => new KeyValuePair<string, Tensor>(k, src.Load(k))).ToList());
+            }
+            finally { File.Delete(tmp); }
+        }
+        _log($"saved {path}");
+        return path;
+    }
+
+    /// <summary>kohya names: SDXL UNet modules by their SGM path (lora_unet_input_blocks_…), text encoders lora_te1_/lora_te2_ for SDXL.</summary>
+    public static Func<string, string?> KohyaNames(StableDiffusionModel model, bool sdxl)
+    {
+        if (!sdxl) return p => KohyaAdapterWriter.KohyaName(p, false);
+        var map = LdmKeyMap.ForUNet(model.Unet.Config);
+        return p =>
+        {
+            if (!p.StartsWith("unet.", StringComparison.Ordinal)) return KohyaAdapterWriter.KohyaName(p, true);
+            var ldm = map.ToLdm(p["unet.".Length..]) ?? throw new LoraSharpException($"no SGM name for UNet module '{p}'", key: p);
+            return "lora_unet_" + ldm.Replace('.', '_');
+        };
+    }
+
+    /// <summary>Minimal txt2img for sample images during training (to be replaced by the txt2img pipeline once merged).</summary>
+    List<string> SampleImages(List<SamplePrompt> prompts, int epoch, ClipTokenizer tok1, ClipTokenizer? tok2, ScheduleConfig schedule, long seed)
+    {
+        var model = _model!;
+        bool sdxl = model.Family == StableDiffusionFamily.SDXLBase;
+        var files = new List<string>();
+        model.eval();
+        try
+        {
+            for (int i = 0; i < prompts.Count; i++)
+            {
+                var p = prompts[i];
+                long s = p.Seed ?? seed + i;
+                using var noGrad = no_grad();
+                using var scope = NewDisposeScope();
+                var image = Generate(model, p, s, tok1, tok2, schedule, sdxl);
+                var path = Path.Combine(_c.OutputDir, $"{_c.OutputName}_e{epoch:000000}_{i:00}.png");
+                var sampler = p.Sampler ?? _c.SampleSampler;
+                PngImage.Save(image, path, GenerationParameters.ForTxt2Img(p.Prompt, p.NegativePrompt, p.Steps, sampler, p.CfgScale, s, p.Width, p.Height));
+                files.Add(path);
+            }
+        }
+        finally
+        {
+            model.Unet.train();
+            model.TextEncoder?.train();
+            model.TextEncoder2?.train();
+        }
+        return files;
+    }
+
+    /// <summary>One image [3, H, W] in [−1, 1] with classifier-free guidance (no_grad expected).</summary>
+    Tensor Generate(StableDiffusionModel model, SamplePrompt p, long seed, ClipTokenizer tok1, ClipTokenizer? tok2, ScheduleConfig schedule, bool sdxl)
+    {
+        var unetParam = model.Unet.parameters().First();
+        var device = unetParam.device;
+        var (ctx, pooled) = EncodeText([p.NegativePrompt, p.Prompt], tok1, tok2, sdxl);
+        ctx = ctx.to_type(unetParam.dtype);
+        using var sampler = Samplers.Create(p.Sampler ?? _c.SampleSampler, p.Steps, schedule);
+        using var noiseSource = new GeneratorNoise(seed);
+        long ch = model.Unet.Config.InChannels;
+        var x = sampler.InitialLatents([1, ch, p.Height / 8, p.Width / 8], noiseSource, ScalarType.Float32, device);
+        Tensor? timeIds = sdxl ? tensor(new float[] { p.Height, p.Width, 0, 0, p.Height, p.Width, p.Height, p.Width, 0, 0, p.Height, p.Width }, device: device).reshape(2, 6) : null;
+        for (int i = 0; i < sampler.Steps; i++)
+        {
+            var xin = sampler.ScaleModelInput(x, i);
+            var both = cat([xin, xin]).to_type(unetParam.dtype);
+            var t = tensor(sampler.Timesteps[i], device: device);
+            var outp = model.Unet.Predict(both, t, ctx, pooled?.to_type(unetParam.dtype), timeIds).to_type(ScalarType.Float32);
+            var guided = Guidance.ApplyBatched(outp, p.CfgScale);
+            x = sampler.Step(guided, i, x, noiseSource);
+        }
+        var vae = model.Vae!;
+        var vaeDtype = vae.parameters().First().dtype;
+        var img = vae.Decode((x / vae.Config.ScalingFactor).to_type(vaeDtype)).to_type(ScalarType.Float32);
+        return img[0].MoveToOuterDisposeScope();
+    }
+
+    /// <summary>Generates one image with the current model (adapters as attached) — for tests and tools.</summary>
+    public Tensor GenerateSample(SamplePrompt prompt, long seed)
+    {
+        var model = _model ?? throw new InvalidOperationException("train first");
+        bool sdxl = model.Family == StableDiffusionFamily.SDXLBase;
+        var tok1 = LoadTokenizer(_c, "tokenizer", null);
+        var tok2 = sdxl ? LoadTokenizer(_c, "tokenizer_2", 0) : null;
+        model.eval();
+        using var noGrad = no_grad();
+        using var scope = NewDisposeScope();
+        return Generate(model, prompt, seed, tok1, tok2, ScheduleFor(_c.PretrainedModelNameOrPath), sdxl).MoveToOuterDisposeScope();
+    }
+
+    public void Dispose()
+    {
+        _checkpointing?.Dispose();
+        _cache?.Dispose();
+        _optimizer?.Dispose();
+        _host?.Dispose();
+        _model?.Dispose();
+    }
+}

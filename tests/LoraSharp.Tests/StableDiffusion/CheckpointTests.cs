@@ -1,0 +1,320 @@
+using LoraSharp.IO;
+using LoraSharp.Models.StableDiffusion;
+using LoraSharp.Tests.Infrastructure;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace LoraSharp.Tests.StableDiffusion;
+
+public class CheckpointTests
+{
+    static bool Same(Tensor a, Tensor b) => a.shape.SequenceEqual(b.shape) && a.eq(b).all().item<bool>();
+
+    public static TheoryData<string> SetNames() => new(SdReference.Sets);
+
+    [Theory]
+    [InlineData("sd", StableDiffusionFamily.SD1)]
+    [InlineData("sdxl", StableDiffusionFamily.SDXLBase)]
+    public void Family_is_detected_from_the_single_file_and_the_diffusers_folder(string set, StableDiffusionFamily family)
+    {
+        using var source = StableDiffusionCheckpoint.Open(SdReference.SingleFile(set));
+        Assert.Equal(family, StableDiffusionCheckpoint.DetectFamily(source));
+        Assert.Equal(family, StableDiffusionConfig.FromDiffusersFolder(SdReference.DiffusersDir(set)).Family);
+    }
+
+    [Fact]
+    public void Ckpt_copy_is_read_without_its_state_dict_level_and_detected_as_sd1()
+    {
+        using var source = StableDiffusionCheckpoint.Open(SdReference.Ckpt("sd"));
+        Assert.Contains("model.diffusion_model.input_blocks.0.0.weight", source.Keys);
+        Assert.Equal(StableDiffusionFamily.SD1, StableDiffusionCheckpoint.DetectFamily(source));
+    }
+
+    [Theory]
+    [MemberData(nameof(SetNames))]
+    public void Config_derived_from_shapes_equals_the_diffusers_config_except_heads_and_groups(string set)
+    {
+        var folder = StableDiffusionConfig.FromDiffusersFolder(SdReference.DiffusersDir(set));
+        using var source = StableDiffusionCheckpoint.Open(SdReference.SingleFile(set));
+        var derived = StableDiffusionCheckpoint.DeriveConfig(source);
+        Assert.Equal(folder.Family, derived.Family);
+        var (a, b) = (folder.Unet, derived.Unet);
+        Assert.Equal(a.InChannels, b.InChannels);
+        Assert.Equal(a.OutChannels, b.OutChannels);
+        Assert.Equal(a.BlockOutChannels, b.BlockOutChannels);
+        Assert.Equal(a.DownBlockTypes, b.DownBlockTypes);
+        Assert.Equal(a.UpBlockTypes, b.UpBlockTypes);
+        Assert.Equal(a.LayersPerBlock, b.LayersPerBlock);
+        Assert.Equal(a.TransformerLayersPerBlock, b.TransformerLayersPerBlock);
+        Assert.Equal(a.CrossAttentionDim, b.CrossAttentionDim);
+        Assert.Equal(a.UseLinearProjection, b.UseLinearProjection);
+        Assert.Equal(a.AdditionEmbedType, b.AdditionEmbedType);
+        Assert.Equal(a.AdditionTimeEmbedDim, b.AdditionTimeEmbedDim);
+        Assert.Equal(a.ProjectionClassEmbeddingsInputDim, b.ProjectionClassEmbeddingsInputDim);
+        Assert.Equal(folder.Vae!.BlockOutChannels, derived.Vae!.BlockOutChannels);
+        Assert.Equal(folder.Vae.LayersPerBlock, derived.Vae.LayersPerBlock);
+        Assert.Equal(folder.Vae.LatentChannels, derived.Vae.LatentChannels);
+        Assert.Equal(folder.Vae.ScalingFactor, derived.Vae.ScalingFactor);
+        foreach (var (x, y) in new[] { (folder.TextEncoder, derived.TextEncoder), (folder.TextEncoder2, derived.TextEncoder2) })
+        {
+            Assert.Equal(x is null, y is null);
+            if (x is null || y is null) continue;
+            Assert.Equal(x with { NumAttentionHeads = 0 }, y with { NumAttentionHeads = 0 });
+        }
+    }
+
+    [Theory]
+    [MemberData(nameof(SetNames))]
+    public void Every_unet_and_vae_key_maps_to_the_single_file_and_back(string set)
+    {
+        var config = StableDiffusionConfig.FromDiffusersFolder(SdReference.DiffusersDir(set));
+        using var source = StableDiffusionCheckpoint.Open(SdReference.SingleFile(set));
+        using var unet = new UNet2DConditionModel(config.Unet);
+        using var vae = new AutoencoderKL(config.Vae!);
+        foreach (var (module, map, root) in new[] { ((nn.Module)unet, LdmKeyMap.ForUNet(config.Unet), StableDiffusionCheckpoint.UNetRoot), (vae, LdmKeyMap.ForVae(config.Vae!), StableDiffusionCheckpoint.VaeRoot) })
+        {
+            var keys = WeightCopy.StateKeys(module);
+            var ldmKeys = new HashSet<string>();
+            foreach (var key in keys)
+            {
+                var ldm = map.ToLdm(key);
+                Assert.NotNull(ldm);
+                Assert.True(source.Contains(root + ldm), $"{key} → {root}{ldm} is not in the file");
+                Assert.Equal(key, map.ToDiffusers(ldm!));
+                ldmKeys.Add(root + ldm);
+            }
+            var fileKeys = source.Keys.Where(k => k.StartsWith(root, StringComparison.Ordinal)).ToHashSet();
+            Assert.Empty(fileKeys.Except(ldmKeys).Order());
+        }
+    }
+
+    [Fact]
+    public void Module_paths_map_between_sgm_and_diffusers_names()
+    {
+        var sdxl = LdmKeyMap.ForUNet(StableDiffusionConfig.FromDiffusersFolder(SdReference.DiffusersDir("sdxl")).Unet);
+        Assert.Equal("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", sdxl.ToDiffusers("input_blocks.4.1.transformer_blocks.0.attn1.to_q"));
+        Assert.Equal("input_blocks.6.0.op", sdxl.ToLdm("down_blocks.1.downsamplers.0.conv"));
+        Assert.Equal("output_blocks.2.2.conv", sdxl.ToLdm("up_blocks.0.upsamplers.0.conv"));
+        Assert.Equal("output_blocks.5.2.conv", sdxl.ToLdm("up_blocks.1.upsamplers.0.conv"));
+        Assert.Equal("label_emb.0.0", sdxl.ToLdm("add_embedding.linear_1"));
+        Assert.Equal("middle_block.2.skip_connection", sdxl.ToLdm("mid_block.resnets.1.conv_shortcut"));
+        var sd = LdmKeyMap.ForUNet(StableDiffusionConfig.FromDiffusersFolder(SdReference.DiffusersDir("sd")).Unet);
+        Assert.Equal("up_blocks.1.resnets.2.conv1.weight", sd.ToDiffusers("output_blocks.5.0.in_layers.2.weight"));
+        Assert.Equal("output_blocks.5.2.conv", sd.ToLdm("up_blocks.1.upsamplers.0.conv"));
+        Assert.Equal("output_blocks.2.1.conv", sd.ToLdm("up_blocks.0.upsamplers.0.conv"));
+        Assert.Equal("input_blocks.7.0.emb_layers.1", sd.ToLdm("down_blocks.2.resnets.0.time_emb_proj"));
+        var vae = LdmKeyMap.ForVae(StableDiffusionConfig.FromDiffusersFolder(SdReference.DiffusersDir("sd")).Vae!);
+        Assert.Equal("decoder.up.3.block.0.nin_shortcut.weight", vae.ToLdm("decoder.up_blocks.0.resnets.0.conv_shortcut.weight"));
+        Assert.Equal("encoder.mid_block.attentions.0.to_out.0", vae.ToDiffusers("encoder.mid.attn_1.proj_out"));
+        Assert.Null(sd.ToLdm("not_a_module.weight"));
+    }
+
+    [Theory]
+    [MemberData(nameof(SetNames))]
+    public void Loading_reports_every_key_loaded_none_unexpected_and_position_ids_ignored(string set)
+    {
+        var model = SdReference.Model(set, "single_file");
+        var file = model.LoadReports.Single(r => r.Component == "file");
+        Assert.Empty(file.Unexpected);
+        Assert.Contains(file.Ignored, k => k.EndsWith("embeddings.position_ids", StringComparison.Ordinal));
+        foreach (var r in model.LoadReports.Where(r => r.Component != "file"))
+        {
+            Assert.True(r.IsComplete, r.ToString());
+            Assert.True(r.Loaded > 0);
+        }
+        var diffusers = SdReference.Model(set, "diffusers");
+        // Models are built on the meta device and every parameter is replaced by its loaded tensor.
+        foreach (var m in new[] { model, diffusers })
+            Assert.All(m.named_parameters(), p => Assert.True(p.parameter.device.type == DeviceType.CPU && p.parameter.requires_grad, p.name));
+        Assert.All(diffusers.LoadReports, r => Assert.True(r.IsComplete && r.Unexpected.Count == 0, r.ToString()));
+        Assert.Equal(model.LoadReports.Where(r => r.Component != "file").Sum(r => r.Loaded), diffusers.LoadReports.Sum(r => r.Loaded));
+    }
+
+    /// <summary>Save is the exact inverse of loading, and writes what diffusers' conversion scripts write.</summary>
+    [Theory]
+    [MemberData(nameof(SetNames))]
+    public void Saved_single_file_equals_the_reference_single_file_bitwise(string set)
+    {
+        using var tmp = new TempDir();
+        var model = SdReference.Model(set, "diffusers");
+        var path = tmp.File("saved.safetensors");
+        StableDiffusionCheckpoint.Save(model, path);
+        using var saved = SafetensorsFile.Open(path);
+        using var reference = SafetensorsFile.Open(SdReference.SingleFile(set));
+        var expectedKeys = reference.Keys.Where(k => !StableDiffusionModel.IsIgnorable(k)).Order().ToArray();
+        Assert.Equal(expectedKeys, saved.Keys.Order().ToArray());
+        using var scope = NewDisposeScope();
+        foreach (var key in expectedKeys)
+        {
+            var a = reference.Load(key, ScalarType.Float32);
+            var b = saved.Load(key, ScalarType.Float32);
+            Assert.True(a.shape.SequenceEqual(b.shape), key);
+            Assert.True(Same(a, b), $"{key} differs");
+        }
+    }
+
+    [Fact]
+    public void Missing_tensor_is_reported_with_file_and_key()
+    {
+        using var tmp = new TempDir();
+        var path = tmp.File("broken.safetensors");
+        using (var src = StableDiffusionCheckpoint.Open(SdReference.SingleFile("sd")))
+            SafetensorsWriter.Write(path, src.Keys.Where(k => k != "model.diffusion_model.out.2.weight").Select(k => new KeyValuePair<string, Tensor>(k, src.Load(k))));
+        var e = Assert.Throws<LoraSharpException>(() => StableDiffusionCheckpoint.Load(path, new StableDiffusionLoadOptions { Config = StableDiffusionConfig.FromDiffusersFolder(SdReference.DiffusersDir("sd")) }));
+        Assert.Equal(Path.GetFullPath(path), e.FilePath);
+        Assert.Contains("conv_out.weight (file key model.diffusion_model.out.2.weight)", e.Message);
+        Assert.Contains("1 parameters missing", e.Message);
+    }
+
+    [Fact]
+    public void Mis_shaped_tensor_is_reported_with_both_shapes()
+    {
+        using var tmp = new TempDir();
+        var path = tmp.File("broken.safetensors");
+        using (var src = StableDiffusionCheckpoint.Open(SdReference.SingleFile("sd")))
+            SafetensorsWriter.Write(path, src.Keys.Select(k => new KeyValuePair<string, Tensor>(k,
+                k == "first_stage_model.quant_conv.bias" ? zeros(7) : src.Load(k))));
+        var e = Assert.Throws<LoraSharpException>(() => StableDiffusionCheckpoint.Load(path, new StableDiffusionLoadOptions { Config = StableDiffusionConfig.FromDiffusersFolder(SdReference.DiffusersDir("sd")) }));
+        Assert.Contains("quant_conv.bias: file key first_stage_model.quant_conv.bias [7]", e.Message);
+        Assert.Contains("expected [8]", e.Message);
+    }
+
+    [Fact]
+    public void Unexpected_tensor_is_listed_and_refused_when_asked()
+    {
+        using var tmp = new TempDir();
+        var path = tmp.File("extra.safetensors");
+        using (var src = StableDiffusionCheckpoint.Open(SdReference.SingleFile("sd")))
+            SafetensorsWriter.Write(path, src.Keys.Select(k => new KeyValuePair<string, Tensor>(k, src.Load(k)))
+                .Append(new("model.diffusion_model.extra_block.weight", ones(3))));
+        var options = new StableDiffusionLoadOptions { Config = StableDiffusionConfig.FromDiffusersFolder(SdReference.DiffusersDir("sd")) };
+        using (var model = StableDiffusionCheckpoint.Load(path, options))
+            Assert.Equal(["model.diffusion_model.extra_block.weight"], model.LoadReports.Single(r => r.Component == "file").Unexpected);
+        var e = Assert.Throws<LoraSharpException>(() => StableDiffusionCheckpoint.Load(path, options with { ThrowOnUnexpected = true }));
+        Assert.Contains("model.diffusion_model.extra_block.weight", e.Message);
+    }
+
+    [Fact]
+    public void Ema_weights_are_ignored_by_default_and_loaded_on_request()
+    {
+        using var tmp = new TempDir();
+        var path = tmp.File("ema.safetensors");
+        using (var src = StableDiffusionCheckpoint.Open(SdReference.SingleFile("sd")))
+        {
+            var unetKeys = src.Keys.Where(k => k.StartsWith(StableDiffusionCheckpoint.UNetRoot, StringComparison.Ordinal));
+            SafetensorsWriter.Write(path, src.Keys.Select(k => new KeyValuePair<string, Tensor>(k, src.Load(k)))
+                .Concat(unetKeys.Select(k => new KeyValuePair<string, Tensor>(StableDiffusionCheckpoint.EmaKey(k), src.Load(k) + 1)))
+                .Append(new("model_ema.num_updates", tensor(5L))));
+        }
+        Assert.Equal("model_ema.diffusion_modelinput_blocks00weight", StableDiffusionCheckpoint.EmaKey("model.diffusion_model.input_blocks.0.0.weight"));
+        var config = StableDiffusionConfig.FromDiffusersFolder(SdReference.DiffusersDir("sd"));
+        using var plain = StableDiffusionCheckpoint.Load(path, new StableDiffusionLoadOptions { Config = config, LoadVae = false, LoadTextEncoders = false });
+        using var ema = StableDiffusionCheckpoint.Load(path, new StableDiffusionLoadOptions { Config = config, UseEma = true, LoadVae = false, LoadTextEncoders = false });
+        Assert.Empty(plain.LoadReports.Single(r => r.Component == "file").Unexpected);
+        Assert.Contains("model_ema.num_updates", plain.LoadReports.Single(r => r.Component == "file").Ignored);
+        Assert.Empty(ema.LoadReports.Single(r => r.Component == "file").Unexpected);
+        Assert.Null(plain.Vae);
+        Assert.Null(plain.TextEncoder);
+        using var scope = NewDisposeScope();
+        var reference = SdReference.Model("sd", "diffusers").Unet.named_parameters().ToDictionary(p => p.name, p => p.parameter);
+        foreach (var (name, p) in plain.Unet.named_parameters())
+            Assert.True(Same(p, reference[name]), name);
+        foreach (var (name, p) in ema.Unet.named_parameters())
+            Assert.True(Same(p, reference[name] + 1), name);
+    }
+
+    [Theory]
+    [InlineData(ScalarType.BFloat16)]
+    [InlineData(ScalarType.Float16)]
+    public void Loading_in_half_precision_converts_every_tensor_and_runs(ScalarType dtype)
+    {
+        using var model = StableDiffusionModel.FromDiffusers(SdReference.DiffusersDir("sd"), new StableDiffusionLoadOptions { DType = dtype });
+        Assert.All(model.parameters(), p => Assert.Equal(dtype, p.dtype));
+        var reference = SdReference.Model("sd", "diffusers");
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        // The token embeddings are stored in fp16: to fp16 exactly, to bf16 rounded once.
+        var tok32 = reference.TextEncoder!.get_parameter("text_model.embeddings.token_embedding.weight")!;
+        Assert.True(Same(model.TextEncoder!.get_parameter("text_model.embeddings.token_embedding.weight")!, tok32.to_type(dtype)));
+        using var file = SafetensorsFile.Open(SdReference.PathOf("sd", "forward/unet_ref.safetensors"));
+        var output = model.Unet.Predict(file.Load("unet_latents", dtype), file.Load("unet_timesteps"), file.Load("unet_ehs", dtype));
+        Assert.Equal(dtype, output.dtype);
+        var expected = file.Load("unet_out");
+        double relative = ((output.to_type(ScalarType.Float32) - expected).norm() / expected.norm()).item<float>();
+        Assert.True(relative < 0.05, $"relative error {relative} in {dtype}");
+    }
+
+    /// <summary>The kohya SDXL reference records, for every LoRA module, the SGM tensor it addresses (built by the
+    /// generator from kohya's own naming): the single-file key map must agree for all of them.</summary>
+    [Fact]
+    public void Single_file_key_map_agrees_with_the_kohya_sdxl_name_map()
+    {
+        var model = SdReference.Model("sdxl", "diffusers");
+        var map = StableDiffusionCheckpoint.SingleFileKeyMap(model);
+        var unetMap = LdmKeyMap.ForUNet(model.Config.Unet);
+        var nameMap = ReferenceData.ReadJson("sdxl", "lora", "kohya_lora_ref.json")["name_map"]!.AsObject();
+        Assert.NotEmpty(nameMap);
+        foreach (var (loraName, entry) in nameMap)
+        {
+            var component = entry!["component"]!.GetValue<string>() switch { "te1" => "text_encoder", "te2" => "text_encoder_2", var c => c };
+            var module = entry["module"]!.GetValue<string>();
+            var sgmKey = entry["sgm_key"]!.GetValue<string>();
+            var slice = entry["sgm_qkv_slice"];
+            var m = map[$"{component}.{module}.weight"];
+            Assert.Equal(sgmKey, m.Source);
+            if (slice is null) Assert.NotEqual(TensorTransform.FusedQkvChunk, m.Transform);
+            else Assert.Equal((TensorTransform.FusedQkvChunk, slice.GetValue<int>()), (m.Transform, m.Chunk));
+            if (component == "unet")
+            {
+                var sgmModule = sgmKey[StableDiffusionCheckpoint.UNetRoot.Length..^".weight".Length];
+                Assert.Equal(module, unetMap.ToDiffusers(sgmModule));
+                Assert.Equal("lora_unet_" + sgmModule.Replace('.', '_'), loraName);
+            }
+        }
+    }
+
+    [Fact]
+    public void Sd1_file_with_text_encoder_keys_without_text_model_level_loads()
+    {
+        using var tmp = new TempDir();
+        var path = tmp.File("old_te.safetensors");
+        const string nested = StableDiffusionCheckpoint.Sd1TextRoot + "text_model.";
+        using (var src = StableDiffusionCheckpoint.Open(SdReference.SingleFile("sd")))
+            SafetensorsWriter.Write(path, src.Keys.Select(k => new KeyValuePair<string, Tensor>(
+                k.StartsWith(nested, StringComparison.Ordinal) ? StableDiffusionCheckpoint.Sd1TextRoot + k[nested.Length..] : k, src.Load(k))));
+        using var model = StableDiffusionCheckpoint.Load(path, new StableDiffusionLoadOptions { Config = SdReference.DerivedConfig("sd", path), LoadVae = false });
+        Assert.Empty(model.LoadReports.Single(r => r.Component == "file").Unexpected);
+        using var scope = NewDisposeScope();
+        var reference = SdReference.Model("sd", "diffusers").TextEncoder!.named_parameters().ToDictionary(p => p.name, p => p.parameter);
+        foreach (var (name, p) in model.TextEncoder!.named_parameters())
+            Assert.True(Same(p, reference[name]), name);
+    }
+
+    [Theory]
+    [MemberData(nameof(SetNames))]
+    public void Describe_of_the_diffusers_folder_names_family_and_components(string set)
+    {
+        var text = StableDiffusionCheckpoint.Describe(SdReference.DiffusersDir(set));
+        var model = SdReference.Model(set, "diffusers");
+        Assert.Contains("Family: " + StableDiffusionCheckpoint.FamilyName(model.Family), text);
+        Assert.Contains("diffusers folder", text);
+        Assert.Contains($"({StableDiffusionModel.ParameterCount(model):N0})", text);
+        Assert.Equal(model.TextEncoder2 is not null, text.Contains("text_encoder_2", StringComparison.Ordinal));
+    }
+
+    [Theory]
+    [MemberData(nameof(SetNames))]
+    public void Describe_names_family_components_and_parameter_counts(string set)
+    {
+        using var source = StableDiffusionCheckpoint.Open(SdReference.SingleFile(set));
+        var text = StableDiffusionCheckpoint.Describe(source);
+        var model = SdReference.Model(set, "diffusers");
+        Assert.Contains("Family: " + StableDiffusionCheckpoint.FamilyName(model.Family), text);
+        Assert.Contains("unet", text);
+        Assert.Contains("vae", text);
+        Assert.Contains("text_encoder", text);
+        long total = StableDiffusionModel.ParameterCount(model);
+        Assert.Contains($"({total:N0})", text);
+        Assert.Contains($"context {model.Config.Unet.CrossAttentionDim}", text);
+    }
+}

@@ -1,0 +1,113 @@
+using System.Text.Json;
+using LoraSharp.IO;
+using LoraSharp.Models.StableDiffusion;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace LoraSharp.Tests.StableDiffusion;
+
+/// <summary>Every <c>forward</c> case of the sd and sdxl manifests, against the diffusers folder and the single file.</summary>
+public class ForwardReferenceTests
+{
+    public static TheoryData<string, string, string> Cases()
+    {
+        var data = new TheoryData<string, string, string>();
+        foreach (var set in SdReference.Sets)
+            foreach (var c in SdReference.Manifest(set).GetProperty("forward").EnumerateArray())
+                foreach (var layout in SdReference.Layouts(set))
+                    data.Add(set, c.GetProperty("name").GetString()!, layout);
+        return data;
+    }
+
+    [Theory]
+    [MemberData(nameof(Cases))]
+    public void Forward_case_reproduces_reference_outputs(string set, string caseName, string layout)
+    {
+        var c = SdReference.ForwardCase(set, caseName);
+        var model = SdReference.Model(set, layout);
+        var tol = SdReference.Tolerance(set, c.GetProperty("tolerance").GetString()!);
+        using var file = SafetensorsFile.Open(SdReference.PathOf(set, c.GetProperty("file").GetString()!));
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        Tensor Input(string name) => file.Load(c.GetProperty("inputs").GetProperty(name).GetString()!);
+
+        var actual = c.GetProperty("component").GetString() switch
+        {
+            "te" => TextEncoderOutputs(model, Input, c),
+            "unet" => UNetOutputs(model, Input, c),
+            "vae" => VaeOutputs(model, Input, c),
+            var other => throw new InvalidOperationException($"unknown component {other}"),
+        };
+
+        int compared = 0;
+        foreach (var output in c.GetProperty("outputs").EnumerateObject())
+        {
+            Assert.True(actual.ContainsKey(output.Name), $"{set}/{caseName}: output '{output.Name}' is not computed by the test");
+            SdReference.AssertClose(file.Load(output.Value.GetString()!), actual[output.Name], tol, $"{set}/{caseName}/{layout}/{output.Name}");
+            compared++;
+        }
+        Assert.True(compared > 0);
+    }
+
+    static Dictionary<string, Tensor> TextEncoderOutputs(StableDiffusionModel model, Func<string, Tensor> input, JsonElement c)
+    {
+        var r = new Dictionary<string, Tensor>();
+        var inputs = c.GetProperty("inputs");
+        if (model.TextEncoder2 is null)
+        {
+            using var o = model.TextEncoder!.call(input("input_ids"));
+            var te = model.TextEncoder!;
+            r["te_last_hidden_state"] = o.LastHiddenState.alias();
+            r["te_penultimate_hidden_state"] = o.HiddenStates[^2].alias();
+            r["te_penultimate_final_layer_norm"] = te.FinalLayerNorm.call(o.HiddenStates[^2]);
+            r["te_pooler_output"] = o.PooledOutput.alias();
+            r["te_all_hidden_states"] = stack(o.HiddenStates, 0);
+            // Encode() is the clip-skip shortcut the pipeline uses: it must agree with the full output.
+            r["te_penultimate_final_layer_norm_via_encode"] = te.Encode(input("input_ids"), clipSkip: 2);
+            Assert.Equal(0, (r["te_penultimate_final_layer_norm_via_encode"] - r["te_penultimate_final_layer_norm"]).abs().max().item<float>());
+            return r;
+        }
+        using var o1 = model.TextEncoder!.call(input("input_ids"));
+        using var o2 = model.TextEncoder2.call(input("input_ids_2"));
+        r["te1_last_hidden_state"] = o1.LastHiddenState.alias();
+        r["te1_penultimate_hidden_state"] = o1.HiddenStates[^2].alias();
+        r["te1_pooler_output"] = o1.PooledOutput.alias();
+        r["te2_last_hidden_state"] = o2.LastHiddenState.alias();
+        r["te2_penultimate_hidden_state"] = o2.HiddenStates[^2].alias();
+        r["te2_pooler_output"] = o2.PooledOutput.alias();
+        r["te2_text_embeds"] = o2.TextEmbeds!.alias();
+        r["context"] = cat([o1.HiddenStates[^2], o2.HiddenStates[^2]], -1);
+        Assert.True(inputs.TryGetProperty("input_ids_2", out _));
+        return r;
+    }
+
+    static Dictionary<string, Tensor> UNetOutputs(StableDiffusionModel model, Func<string, Tensor> input, JsonElement c)
+    {
+        var inputs = c.GetProperty("inputs");
+        Tensor? Optional(string name) => inputs.TryGetProperty(name, out _) ? input(name) : null;
+        var output = model.Unet.Predict(input("sample"), input("timestep"), input("encoder_hidden_states"), Optional("text_embeds"), Optional("time_ids"));
+        var name = c.GetProperty("outputs").EnumerateObject().Single().Name;
+        return new() { [name] = output };
+    }
+
+    static Dictionary<string, Tensor> VaeOutputs(StableDiffusionModel model, Func<string, Tensor> input, JsonElement c)
+    {
+        var vae = model.Vae!;
+        var inputs = c.GetProperty("inputs");
+        var r = new Dictionary<string, Tensor>();
+        if (inputs.TryGetProperty("image", out _))
+        {
+            using var dist = vae.Encode(input("image"));
+            r["mean"] = dist.Mean.alias();
+            r["logvar"] = dist.LogVar.alias();
+            r["std"] = dist.Std.alias();
+        }
+        if (inputs.TryGetProperty("latents", out _))
+        {
+            var z = input("latents");
+            r["image"] = vae.Decode(z);
+            r["image_scaled"] = vae.Decode(z / vae.Config.ScalingFactor);
+        }
+        return r;
+    }
+}
