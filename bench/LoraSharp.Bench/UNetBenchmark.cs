@@ -71,6 +71,7 @@ public static class UNetBenchmark
                 Console.WriteLine($"  {(i == 0 ? "warm-up" : $"run {i}"),-8} {sw.Elapsed.TotalSeconds:F2} s");
             }
             results[dtype] = times.Min();
+            if (args.Contains("--profile")) Profile(unet, latents, t, context);
             double gflop = CountGflop(unet, latents, t, context);
             double matmul = MatmulGflops(dtype);
             Console.WriteLine($"{dtype}: {times.Min():F2} s per forward (best of {runs}), mean {times.Average():F2} s; "
@@ -156,6 +157,49 @@ public static class UNetBenchmark
             unet.Predict(latents, t, context);
         foreach (var remove in removers) remove();
         return flops / 1e9;
+    }
+
+    /// <summary>Time per module type in one forward (self time of leaf modules; CrossAttention includes its projections).</summary>
+    static void Profile(UNet2DConditionModel unet, Tensor latents, Tensor t, Tensor context)
+    {
+        var totals = new Dictionary<string, double>();
+        var started = new Dictionary<nn.Module, long>();
+        var removers = new List<Action>();
+        foreach (var (_, m) in unet.named_modules())
+        {
+            string? kind = m switch
+            {
+                TorchSharp.Modules.Conv2d => "Conv2d",
+                TorchSharp.Modules.GroupNorm => "GroupNorm",
+                TorchSharp.Modules.LayerNorm => "LayerNorm",
+                CrossAttention => "CrossAttention (incl. q/k/v/out)",
+                GEGLU => "GEGLU (incl. proj)",
+                _ => null,
+            };
+            if (kind is null) continue;
+            var module = m;
+            Action<nn.Module> pre = _ => started[module] = Stopwatch.GetTimestamp();
+            Action<nn.Module> post = _ => totals[kind!] = totals.GetValueOrDefault(kind!) + Stopwatch.GetElapsedTime(started[module]).TotalSeconds;
+            switch (m)
+            {
+                case nn.Module<Tensor, Tensor> one:
+                    removers.Add(one.register_forward_pre_hook(pre).remove);
+                    removers.Add(one.register_forward_hook(post).remove);
+                    break;
+                case CrossAttention attention:
+                    removers.Add(attention.register_forward_pre_hook(pre).remove);
+                    removers.Add(attention.register_forward_hook(post).remove);
+                    break;
+            }
+        }
+        var sw = Stopwatch.StartNew();
+        using (var scope = NewDisposeScope())
+            unet.Predict(latents, t, context);
+        double total = sw.Elapsed.TotalSeconds;
+        foreach (var remove in removers) remove();
+        foreach (var (kind, seconds) in totals.OrderByDescending(kv => kv.Value))
+            Console.WriteLine($"    {kind,-34} {seconds,7:F2} s  {100 * seconds / total,5:F1}%");
+        Console.WriteLine($"    {"total",-34} {total,7:F2} s");
     }
 
     static double MatmulGflops(ScalarType dtype)

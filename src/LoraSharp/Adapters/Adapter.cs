@@ -168,8 +168,6 @@ public abstract class Adapter : nn.Module
             case DoraKind.None:
             {
                 y = Bypass(xd, training).mul(multiplier);
-                var db = DeltaBias();
-                if (db is not null) y = y.add(P(db).mul(multiplier).reshape(Geometry.OutputBroadcastShape(y.dim())));
                 break;
             }
             case DoraKind.Peft:
@@ -198,6 +196,8 @@ public abstract class Adapter : nn.Module
                 break;
             }
         }
+        var db = DeltaBias();
+        if (db is not null) y = y.add(P(db).mul(multiplier).reshape(Geometry.OutputBroadcastShape(y.dim())));
         if (y.dtype != baseOutput.dtype) y = y.to(baseOutput.dtype);
         return y.MoveToOuterDisposeScope();
     }
@@ -290,17 +290,18 @@ static class LoraBranch
         return LoraMath.Up(h, up, g).mul(scale).MoveToOuterDisposeScope();
     }
 
-    /// <summary>acc + scale·up(h): for Linear one addmm (the GEMM accumulates into a copy of acc), for Conv2d an add with alpha.</summary>
+    /// <summary>acc + scale·up(h): for Linear one addmm (the GEMM accumulates into a copy of acc), for Conv2d an add.</summary>
     public static Tensor AddForward(Tensor acc, Tensor x, Tensor down, Tensor up, Tensor? mid, double scale, LayerGeometry g, AdapterDropout drop, bool training)
     {
         using var scope = NewDisposeScope();
         var h = Hidden(x, down, mid, g, drop, training, ref scale);
         Tensor r;
-        if (g.IsConv) r = acc.add(LoraMath.Up(h, up, g), scale);
+        if (g.IsConv) r = acc.add(LoraMath.Up(h.mul(scale), up, g));
         else
         {
             long o = g.OutFeatures, rank = h.shape[^1];
-            r = addmm(acc.reshape(-1, o), h.reshape(-1, rank), up.reshape(o, rank).t(), 1, (float)scale).reshape(acc.shape);
+            // scale the small [N, r] activation (exact in any dtype) rather than pass a float32 alpha to addmm
+            r = addmm(acc.reshape(-1, o), h.reshape(-1, rank).mul(scale), up.reshape(o, rank).t(), 1, 1).reshape(acc.shape);
         }
         return r.MoveToOuterDisposeScope();
     }

@@ -32,8 +32,8 @@ public sealed record AttachOptions
     public bool Trainable { get; init; }
 }
 
-/// <summary>A module path that was not found, with the closest existing paths.</summary>
-public sealed record UnmatchedModule(string Path, IReadOnlyList<string> ClosestMatches);
+/// <summary>A module path that could not take the adapter (not in the model, or not a Linear/Conv2d), with the closest adaptable paths.</summary>
+public sealed record UnmatchedModule(string Path, IReadOnlyList<string> ClosestMatches, string Reason = "not in the model");
 
 /// <summary>What an attach did: modules that got an adapter, paths not found, adaptable modules left untouched.</summary>
 public sealed record AttachReport(
@@ -44,7 +44,7 @@ public sealed record AttachReport(
 {
     public override string ToString() =>
         $"{Name}: {Attached.Count} module(s) attached, {Unmatched.Count} unmatched, {Untouched.Count} adaptable module(s) untouched"
-        + (Unmatched.Count > 0 ? "; unmatched: " + string.Join(", ", Unmatched.Take(10).Select(u => u.Path)) + (Unmatched.Count > 10 ? ", …" : "") : "");
+        + (Unmatched.Count > 0 ? "; unmatched: " + string.Join(", ", Unmatched.Take(10).Select(u => $"{u.Path} ({u.Reason})")) + (Unmatched.Count > 10 ? ", …" : "") : "");
 }
 
 /// <summary>
@@ -212,6 +212,14 @@ public sealed class AdapterHost : IDisposable
                     var u = new UnmatchedModule(path, ClosestPaths(path));
                     if (!options.Lenient)
                         throw new LoraSharpException($"Adapter '{name}': module '{path}' is not in the model. Closest: {string.Join(", ", u.ClosestMatches)}.", key: path);
+                    unmatched.Add(u);
+                    continue;
+                }
+                if (module is not (Linear or Conv2d { groups: 1 }))
+                {
+                    var u = new UnmatchedModule(path, ClosestPaths(path), $"is a {module.GetType().Name}, not a Linear or Conv2d (groups 1)");
+                    if (!options.Lenient)
+                        throw new LoraSharpException($"Adapter '{name}': module '{path}' {u.Reason}. Closest adaptable: {string.Join(", ", u.ClosestMatches)}.", key: path);
                     unmatched.Add(u);
                     continue;
                 }
@@ -419,7 +427,9 @@ public sealed class AdapterHost : IDisposable
         using var scope = NewDisposeScope();
         s.BackupWeight ??= s.Weight.detach().clone().DetachFromDisposeScope();
         if (s.Bias is not null) s.BackupBias ??= s.Bias.detach().clone().DetachFromDisposeScope();
-        var w0 = s.BackupWeight.to(ScalarType.Float32);
+        // fp32 merge arithmetic (fp64 for fp64 weights), one rounding to the weight's dtype at the end
+        var mergeType = s.Weight.dtype == ScalarType.Float64 ? ScalarType.Float64 : ScalarType.Float32;
+        var w0 = s.BackupWeight.to(mergeType);
         Tensor? sumW = null, sumB = null;
         foreach (var (owner, a) in s.Entries)
         {
@@ -428,22 +438,27 @@ public sealed class AdapterHost : IDisposable
             if (!s.DeltaCache.TryGetValue(a, out var delta))
             {
                 var saved = a.ComputeDType;
-                a.ComputeDType = ScalarType.Float32;
+                a.ComputeDType = mergeType;
                 try { delta = a.DeltaWeight().detach().DetachFromDisposeScope(); } // the cache outlives this scope
                 finally { a.ComputeDType = saved; }
                 s.DeltaCache[a] = delta;
             }
-            var eff = a.EffectiveDelta(w0, delta, m);
-            sumW = sumW is null ? eff : sumW.add_(eff);
+            if (a.Dora == DoraKind.None)
+                sumW = sumW is null ? w0.add(delta, m) : sumW.add_(delta, m); // W₀ + Σ m·ΔW, one pass per adapter
+            else
+            {
+                var eff = a.EffectiveDelta(w0, delta, m);
+                sumW = sumW is null ? w0.add(eff) : sumW.add_(eff);
+            }
             var db = a.DeltaBias();
             if (db is not null)
             {
-                var e = db.to(ScalarType.Float32).mul(m);
+                var e = db.to(mergeType).mul(m);
                 sumB = sumB is null ? e : sumB.add_(e);
             }
         }
-        s.Weight.copy_(sumW is null ? s.BackupWeight : w0.add(sumW));
-        if (s.Bias is not null) s.Bias.copy_(sumB is null ? s.BackupBias! : s.BackupBias!.to(ScalarType.Float32).add(sumB));
+        s.Weight.copy_(sumW ?? s.BackupWeight);
+        if (s.Bias is not null) s.Bias.copy_(sumB is null ? s.BackupBias! : s.BackupBias!.to(mergeType).add(sumB));
         s.Dirty = false;
     }
 
@@ -478,6 +493,35 @@ public sealed class AdapterHost : IDisposable
             (prev, cur) = (cur, prev);
         }
         return prev[b.Length];
+    }
+
+    /// <summary>
+    /// The Linear/Conv2d modules of <paramref name="root"/> that a forward does not invoke through <c>call()</c>:
+    /// hook-based adapters would silently do nothing there. Registers temporary hooks, runs
+    /// <paramref name="runForward"/>, removes them. A model test should assert this list is empty.
+    /// </summary>
+    public static IReadOnlyList<string> ModulesNotCalled(nn.Module root, Action runForward)
+    {
+        var called = new HashSet<string>(StringComparer.Ordinal);
+        var handles = new List<Action>();
+        var all = new List<string>();
+        try
+        {
+            foreach (var (name, m) in root.named_modules())
+            {
+                if (m is not (Linear or Conv2d)) continue;
+                all.Add(name);
+                var path = name;
+                var h = ((nn.Module<Tensor, Tensor>)m).register_forward_hook((_, _, y) => { called.Add(path); return y; });
+                handles.Add(h.remove);
+            }
+            runForward();
+        }
+        finally
+        {
+            foreach (var remove in handles) remove();
+        }
+        return all.Where(p => !called.Contains(p)).ToList();
     }
 
     /// <summary>Restores the base weights, removes the hooks and disposes every adapter.</summary>

@@ -8,7 +8,7 @@ namespace LoraSharp.Adapters;
 /// DyLoRA (kohya <c>networks/dylora.py</c>): a LoRA whose ranks are stored as blocks of <see cref="Unit"/> ranks
 /// (parameters lora_down_k / lora_up_k). Each training forward draws b uniformly from 0..r−1, rounded down to a
 /// multiple of the unit; only block [b, b+unit) requires grad (the others are frozen for that step, so an
-/// optimizer that skips parameters without gradient leaves them untouched), the forward uses all ranks and
+/// optimizer, which skips parameters without gradient, leaves them untouched), the forward uses all ranks and
 /// multiplies the scale by √(r/(b+unit)). In eval it is a plain LoRA. After training, <see cref="DyLoraMath.Truncate(ModuleAdapterWeights,long)"/>
 /// cuts the exported weights to any rank.
 /// </summary>
@@ -45,6 +45,19 @@ public sealed class DyLoraAdapter : Adapter
     /// <summary>For tests: force b instead of drawing it.</summary>
     public long? TrainableRankOverride { get; set; }
 
+    /// <summary>
+    /// TorchSharp's optimizer zero_grad leaves zero tensors, so AdamW would keep moving a frozen block with its
+    /// momentum. A block whose gradient is all zero (left by zero_grad, not accumulated in this step) gets no gradient
+    /// at all, as PyTorch's zero_grad(set_to_none=True) which kohya relies on.
+    /// </summary>
+    static void ClearZeroGrad(Parameter p)
+    {
+        using var g = p.grad;
+        if (g is null) return;
+        using var scope = NewDisposeScope();
+        if (!g.any().item<bool>()) p.grad = null;
+    }
+
     Tensor DownAll() => cat(_downs.Select(p => P(p)).ToArray(), 0);
     Tensor UpAll() => cat(_ups.Select(p => P(p)).ToArray(), 1);
 
@@ -75,6 +88,7 @@ public sealed class DyLoraAdapter : Adapter
             {
                 _downs[k].requires_grad = k == block;
                 _ups[k].requires_grad = k == block;
+                if (k != block) { ClearZeroGrad(_downs[k]); ClearZeroGrad(_ups[k]); }
             }
             scale *= Math.Sqrt((double)_rank / (b + Unit));
         }

@@ -28,13 +28,13 @@ public static class LoraMath
         using var scope = NewDisposeScope();
         long r = down.shape[0];
         CheckShapes(down, up, mid, g);
-        var up2 = up.reshape(g.OutFeatures, r);
+        var up2 = up.reshape(g.OutFeatures, r).mul(scale); // scale the small factor, not the [out, in] product
         Tensor delta;
         if (mid is null)
             delta = up2.matmul(down.reshape(r, -1)).reshape(g.WeightShape);
         else
             delta = einsum("op,pqhw,qi->oihw", up2, mid, down.reshape(r, g.InFeatures));
-        return delta.mul(scale).MoveToOuterDisposeScope();
+        return delta.MoveToOuterDisposeScope();
     }
 
     /// <summary>x → the r-channel "down" activation (last axis for Linear, channel axis 1 for Conv2d).</summary>

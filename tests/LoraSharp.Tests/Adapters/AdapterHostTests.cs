@@ -197,6 +197,15 @@ public class AdapterHostTests
         Assert.Empty(a.Report.Attached);
         Assert.Equal(4, a.Report.Untouched.Count);
         Assert.Contains("text_encoder.q", a.Report.Unmatched[0].ClosestMatches);
+
+        var norm = new AdapterWeights
+        {
+            Name = "norm",
+            Modules = [new() { ModulePath = "unet.norm", Algorithm = AdapterAlgorithm.Full, Tensors = new Dictionary<string, Tensor> { ["diff"] = randn(6) } }],
+        };
+        var en = Assert.Throws<LoraSharpException>(() => host.Attach(norm));
+        Assert.Contains("LayerNorm", en.Message);
+        Assert.Contains("LayerNorm", host.Attach(norm, options: new AttachOptions { Lenient = true }).Report.Unmatched[0].Reason);
     }
 
     [Fact]
@@ -278,5 +287,18 @@ public class AdapterHostTests
         Assert.All(host["a"].Modules.SelectMany(m => m.Parameters), p => Assert.False(p.Param.IsInvalid));
         var y = TeForward(root, randn(2, 8));
         Assert.Equal(new long[] { 2, 8 }, y.shape);
+    }
+
+    [Fact]
+    public void Modules_invoked_with_forward_instead_of_call_are_reported()
+    {
+        using var scope = NewDisposeScope();
+        var root = Tree();
+        var x = randn(2, 8);
+        var missing = AdapterHost.ModulesNotCalled(root, () => Leaf(root, "text_encoder.v").forward(Leaf(root, "text_encoder.q").call(x)));
+        Assert.Equal(["text_encoder.v", "unet.conv", "unet.proj"], missing);
+        // hooks are gone afterwards
+        using var host = new AdapterHost(root);
+        Assert.Empty(AdapterHost.ModulesNotCalled(root, () => { TeForward(root, x); UnetForward(root, randn(1, 4, 5, 5)); }));
     }
 }

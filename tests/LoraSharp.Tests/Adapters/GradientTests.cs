@@ -13,14 +13,14 @@ public class GradientTests
     {
         var d = new TheoryData<string, string>();
         foreach (var layer in new[] { "linear", "conv" })
-            foreach (var algo in new[] { "lora", "lora_rs", "loha", "lokr", "lokr_both", "full", "dora_peft", "dora_scale", "dylora" })
+            foreach (var algo in new[] { "lora", "lora_rs", "loha", "lokr", "lokr_both", "full", "full_dora", "dora_peft", "dora_scale", "dylora" })
                 d.Add(layer, algo);
         foreach (var algo in new[] { "locon_tucker", "loha_tucker", "lokr_tucker", "dora_peft_conv_tucker" })
             d.Add("conv", algo);
         return d;
     }
 
-    static AdapterConfig Config(string algo) => (algo switch
+    internal static AdapterConfig Config(string algo) => (algo switch
     {
         "lora" => new AdapterConfig { Rank = 3, Alpha = 2 },
         "lora_rs" => new() { Rank = 3, Alpha = 2, RsLora = true, Init = LoraInit.Gaussian },
@@ -31,6 +31,7 @@ public class GradientTests
         "lokr_both" => new() { Algorithm = AdapterAlgorithm.LoKr, Rank = 1, Alpha = 3, DecomposeBoth = true },
         "lokr_tucker" => new() { Algorithm = AdapterAlgorithm.LoKr, Rank = 1, Alpha = 1, UseTucker = true },
         "full" => new() { Algorithm = AdapterAlgorithm.Full },
+        "full_dora" => new() { Algorithm = AdapterAlgorithm.Full, Dora = DoraKind.DoraScale },
         "dora_peft" => new() { Rank = 2, Alpha = 4, Dora = DoraKind.Peft },
         "dora_peft_conv_tucker" => new() { Rank = 2, Alpha = 4, Dora = DoraKind.Peft, UseTucker = true },
         "dora_scale" => new() { Algorithm = AdapterAlgorithm.LoHa, Rank = 2, Alpha = 2, Dora = DoraKind.DoraScale },
@@ -38,7 +39,7 @@ public class GradientTests
         _ => throw new ArgumentException(algo),
     }) with { DType = float64 };
 
-    static (Node Root, nn.Module<Tensor, Tensor> Layer, Tensor X) Setup(string layer)
+    internal static (Node Root, nn.Module<Tensor, Tensor> Layer, Tensor X) Setup(string layer)
     {
         manual_seed(5);
         nn.Module leaf = layer == "linear"
@@ -128,6 +129,29 @@ public class GradientTests
             double orig = flat[i].item<double>(), lp, lm;
             using (no_grad()) { flat[i] = orig + h; lp = Loss().item<double>(); flat[i] = orig - h; lm = Loss().item<double>(); flat[i] = orig; }
             Assert.Equal((lp - lm) / (2 * h), mag.grad![i].item<double>(), 6);
+        }
+    }
+
+    [Theory]
+    [MemberData(nameof(Cases))]
+    public void Merged_forward_equals_unmerged_forward(string layer, string algo)
+    {
+        using var scope = NewDisposeScope();
+        var (root, module, x) = Setup(layer);
+        using var host = new AdapterHost(root);
+        var a = host.Create("t", Config(algo), ModuleSelector.Exact("block.layer"));
+        using (no_grad())
+            foreach (var (name, p) in a.Modules[0].Parameters)
+                p.copy_(name is "magnitude" or "dora_scale" ? p.mul(rand_like(p).add(0.5)) : randn_like(p).mul(0.4));
+        root.eval();
+        foreach (var m in new[] { 1.0, 0.7 })
+        {
+            a.Multiplier = m;
+            var unmerged = module.call(x).detach();
+            host.Merge();
+            var merged = module.call(x).detach();
+            host.Unmerge();
+            Assert.True(MaxAbs(merged, unmerged) < 1e-9, $"{algo}/{layer} m={m}: {MaxAbs(merged, unmerged):G3}");
         }
     }
 }

@@ -144,6 +144,14 @@ public class TrainingBehaviourTests
             bool changed = !Same(p, before[name]);
             Assert.Equal(name.EndsWith("_1"), changed);
         }
+        // next step trains block 0: block 1 must stay put although the optimizer has state for it
+        opt.zero_grad();
+        dy.TrainableRankOverride = 0;
+        before = dy.Parameters.ToDictionary(p => p.Name, p => p.Param.detach().clone());
+        lin.call(x).square().sum().backward();
+        opt.step();
+        foreach (var (name, p) in dy.Parameters)
+            Assert.Equal(name.EndsWith("_0"), !Same(p, before[name]));
 
         // truncation of the exported weights to rank 2 gives the first block only
         using var exported = dy.ToWeights();

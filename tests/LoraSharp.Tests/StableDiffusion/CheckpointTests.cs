@@ -251,6 +251,12 @@ public class CheckpointTests
     {
         var model = SdReference.Model("sdxl", "diffusers");
         var map = StableDiffusionCheckpoint.SingleFileKeyMap(model);
+        using (var file = StableDiffusionCheckpoint.Open(SdReference.SingleFile("sdxl")))
+        {
+            var fromHeaders = StableDiffusionCheckpoint.SingleFileKeyMap(file);
+            Assert.Equal(map.Keys.Order(), fromHeaders.Keys.Order());
+            Assert.All(map, kv => Assert.Equal(kv.Value, fromHeaders[kv.Key]));
+        }
         var unetMap = LdmKeyMap.ForUNet(model.Config.Unet);
         var nameMap = ReferenceData.ReadJson("sdxl", "lora", "kohya_lora_ref.json")["name_map"]!.AsObject();
         Assert.NotEmpty(nameMap);
@@ -300,6 +306,117 @@ public class CheckpointTests
         Assert.Contains("diffusers folder", text);
         Assert.Contains($"({StableDiffusionModel.ParameterCount(model):N0})", text);
         Assert.Equal(model.TextEncoder2 is not null, text.Contains("text_encoder_2", StringComparison.Ordinal));
+    }
+
+    [Theory]
+    [InlineData("ldm_without_root")]
+    [InlineData("ldm_with_root")]
+    [InlineData("diffusers_folder")]
+    public void Standalone_vae_file_loads_in_ldm_or_diffusers_layout(string layout)
+    {
+        using var tmp = new TempDir();
+        var reference = SdReference.Model("sd", "diffusers").Vae!;
+        var folderConfig = VaeConfig.FromJsonFile(Path.Combine(SdReference.DiffusersDir("sd"), "vae", "config.json"));
+        string path;
+        VaeConfig? config = null;
+        if (layout == "diffusers_folder")
+        {
+            path = Path.Combine(SdReference.DiffusersDir("sd"), "vae");
+        }
+        else
+        {
+            path = tmp.File("model.vae.safetensors");
+            using var src = StableDiffusionCheckpoint.Open(SdReference.SingleFile("sd"));
+            var root = StableDiffusionCheckpoint.VaeRoot;
+            SafetensorsWriter.Write(path, src.Keys.Where(k => k.StartsWith(root, StringComparison.Ordinal))
+                .Select(k => new KeyValuePair<string, Tensor>(layout == "ldm_with_root" ? k : k[root.Length..], src.Load(k))));
+            config = folderConfig with { }; // group count cannot be derived from shapes
+        }
+        using var vae = StableDiffusionCheckpoint.LoadVae(path, config);
+        Assert.Equal(folderConfig.BlockOutChannels, vae.Config.BlockOutChannels);
+        using var scope = NewDisposeScope();
+        var expected = reference.named_parameters().ToDictionary(p => p.name, p => p.parameter);
+        foreach (var (name, p) in vae.named_parameters())
+            Assert.True(Same(p, expected[name]), name);
+        if (layout == "ldm_without_root")
+        {
+            using var derived = StableDiffusionCheckpoint.LoadVae(path); // derived config: shapes right, 32 groups
+            Assert.Equal(folderConfig.BlockOutChannels, derived.Config.BlockOutChannels);
+            Assert.Equal(32, derived.Config.NormNumGroups);
+        }
+    }
+
+    [Fact]
+    public void Sharded_diffusers_component_loads_through_its_index()
+    {
+        using var tmp = new TempDir();
+        var dir = SdReference.DiffusersDir("sd");
+        var unetDir = Directory.CreateDirectory(Path.Combine(tmp.Path, "unet")).FullName;
+        File.Copy(Path.Combine(dir, "unet", "config.json"), Path.Combine(unetDir, "config.json"));
+        var weightMap = new Dictionary<string, string>();
+        using (var src = SafetensorsFile.Open(Path.Combine(dir, "unet", "diffusion_pytorch_model.safetensors")))
+        {
+            var keys = src.Keys.ToArray();
+            for (int part = 0; part < 2; part++)
+            {
+                var shard = $"diffusion_pytorch_model-0000{part + 1}-of-00002.safetensors";
+                var mine = keys.Where((_, i) => i % 2 == part).ToArray();
+                SafetensorsWriter.Write(Path.Combine(unetDir, shard), mine.Select(k => new KeyValuePair<string, Tensor>(k, src.Load(k))));
+                foreach (var k in mine) weightMap[k] = shard;
+            }
+        }
+        File.WriteAllText(Path.Combine(unetDir, "diffusion_pytorch_model.safetensors.index.json"),
+            System.Text.Json.JsonSerializer.Serialize(new { metadata = new { total_size = 0 }, weight_map = weightMap }));
+        using var model = StableDiffusionModel.FromDiffusers(tmp.Path);
+        Assert.Null(model.TextEncoder);
+        Assert.Null(model.Vae);
+        using var scope = NewDisposeScope();
+        var expected = SdReference.Model("sd", "diffusers").Unet.named_parameters().ToDictionary(p => p.name, p => p.parameter);
+        foreach (var (name, p) in model.Unet.named_parameters())
+            Assert.True(Same(p, expected[name]), name);
+
+        File.Delete(Path.Combine(unetDir, "diffusion_pytorch_model-00002-of-00002.safetensors"));
+        var e = Assert.Throws<LoraSharpException>(() => StableDiffusionModel.FromDiffusers(tmp.Path));
+        Assert.Contains("00002-of-00002", e.Message);
+    }
+
+    [Fact]
+    public void Vae_can_keep_its_own_dtype_and_components_convert_their_inputs()
+    {
+        using var model = StableDiffusionModel.FromDiffusers(SdReference.DiffusersDir("sdxl"),
+            new StableDiffusionLoadOptions { DType = ScalarType.BFloat16, VaeDType = ScalarType.Float32 });
+        Assert.All(model.Unet.parameters(), p => Assert.Equal(ScalarType.BFloat16, p.dtype));
+        Assert.All(model.Vae!.parameters(), p => Assert.Equal(ScalarType.Float32, p.dtype));
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        using var file = SafetensorsFile.Open(SdReference.PathOf("sdxl", "forward/vae_ref.safetensors"));
+        var decoded = model.Vae.Decode(file.Load("vae_latents", ScalarType.BFloat16));
+        Assert.Equal(ScalarType.Float32, decoded.dtype);
+        using var unetFile = SafetensorsFile.Open(SdReference.PathOf("sdxl", "forward/unet_ref.safetensors"));
+        var eps = model.Unet.Predict(unetFile.Load("unet_latents"), unetFile.Load("unet_timesteps"), unetFile.Load("unet_context"),
+            unetFile.Load("unet_text_embeds"), unetFile.Load("unet_time_ids"));
+        Assert.Equal(ScalarType.BFloat16, eps.dtype);
+        var expected = unetFile.Load("unet_out");
+        double relative = ((eps.to_type(ScalarType.Float32) - expected).norm() / expected.norm()).item<float>();
+        Assert.True(relative < 0.05, $"relative error {relative}");
+    }
+
+    [Fact]
+    public void Upcast_attention_in_half_precision_stays_close_to_float32()
+    {
+        var config = StableDiffusionConfig.FromDiffusersFolder(SdReference.DiffusersDir("sd"));
+        using var model = StableDiffusionModel.FromDiffusers(SdReference.DiffusersDir("sd"), new StableDiffusionLoadOptions { DType = ScalarType.Float16, LoadVae = false, LoadTextEncoders = false });
+        using var upcast = new UNet2DConditionModel(config.Unet with { UpcastAttention = true }, dtype: ScalarType.Float16);
+        using (no_grad())
+            foreach (var (name, p) in upcast.named_parameters())
+                p.copy_(model.Unet.get_parameter(name)!);
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        using var file = SafetensorsFile.Open(SdReference.PathOf("sd", "forward/unet_ref.safetensors"));
+        var expected = file.Load("unet_out");
+        var eps = upcast.Predict(file.Load("unet_latents"), file.Load("unet_timesteps"), file.Load("unet_ehs"));
+        double relative = ((eps.to_type(ScalarType.Float32) - expected).norm() / expected.norm()).item<float>();
+        Assert.True(relative < 0.01, $"relative error {relative}");
     }
 
     [Theory]

@@ -49,6 +49,37 @@ public class ForwardReferenceTests
         Assert.True(compared > 0);
     }
 
+    /// <summary>The pipeline-facing EncodeText gives what each family's pipeline feeds the UNet.</summary>
+    [Theory]
+    [InlineData("sd")]
+    [InlineData("sdxl")]
+    public void EncodeText_returns_the_family_conditioning(string set)
+    {
+        var model = SdReference.Model(set, "single_file");
+        var tol = SdReference.Tolerance(set, "te");
+        using var file = SafetensorsFile.Open(SdReference.PathOf(set, "forward/te_ref.safetensors"));
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        if (set == "sd")
+        {
+            using var c1 = model.EncodeText(file.Load("input_ids"));
+            SdReference.AssertClose(file.Load("te_last_hidden_state"), c1.Context, tol, "clip skip 1");
+            Assert.Null(c1.PooledTextEmbeds);
+            using var c2 = model.EncodeText(file.Load("input_ids"), clipSkip: 2);
+            SdReference.AssertClose(file.Load("te_penultimate_final_layer_norm"), c2.Context, tol, "clip skip 2");
+            Assert.Throws<ArgumentOutOfRangeException>(() => model.EncodeText(file.Load("input_ids"), clipSkip: 3));
+        }
+        else
+        {
+            using var c = model.EncodeText(file.Load("input_ids"), file.Load("input_ids_2"));
+            SdReference.AssertClose(file.Load("context"), c.Context, tol, "context");
+            SdReference.AssertClose(file.Load("te2_text_embeds"), c.PooledTextEmbeds!, tol, "pooled");
+            using var unetFile = SafetensorsFile.Open(SdReference.PathOf(set, "forward/unet_ref.safetensors"));
+            var ids = model.TimeIds(2, (128, 128), (0, 0), (128, 128));
+            Assert.Equal(unetFile.Load("unet_time_ids")[0].data<float>().ToArray(), ids[1].data<float>().ToArray());
+        }
+    }
+
     static Dictionary<string, Tensor> TextEncoderOutputs(StableDiffusionModel model, Func<string, Tensor> input, JsonElement c)
     {
         var r = new Dictionary<string, Tensor>();

@@ -139,6 +139,22 @@ public class ModuleStructureTests
         Assert.Equal(before, TorchSharp.DisposeScopeManager.Statistics.ThreadTotalLiveCount);
     }
 
+    /// <summary>Latent sides that do not halve evenly: the up path resizes to each skip's size (diffusers' upsample_size).</summary>
+    [Theory]
+    [InlineData(10, 14)]
+    [InlineData(16, 24)]
+    [InlineData(9, 9)]
+    public void Unet_accepts_non_square_and_odd_latent_sizes(int height, int width)
+    {
+        var model = SdReference.Model("sd", "diffusers");
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        var latents = randn(1, 4, height, width);
+        var eps = model.Unet.Predict(latents, tensor(new long[] { 300 }), randn(1, 77, 32));
+        Assert.Equal(latents.shape, eps.shape);
+        Assert.True(eps.isfinite().all().item<bool>());
+    }
+
     [Fact]
     public void Composite_model_names_components_unet_vae_text_encoder_text_encoder_2()
     {

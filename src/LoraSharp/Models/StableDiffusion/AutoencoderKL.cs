@@ -117,13 +117,16 @@ public sealed class AutoencoderKL : nn.Module<Tensor, Tensor>
         }
     }
 
+    /// <summary>The parameters' dtype; inputs are converted to it.</summary>
+    public ScalarType DType => _decoder.parameters().First().dtype;
+
     /// <summary>Image [B, 3, H, W] in [−1, 1] → latent distribution at H/8 × W/8.</summary>
     public DiagonalGaussian Encode(Tensor image)
     {
         Tensor moments;
         using (var scope = NewDisposeScope())
         {
-            var h = _encoder.call(image);
+            var h = _encoder.call(image.to_type(DType));
             if (_quantConv is not null) h = _quantConv.call(h);
             moments = h.MoveToOuterDisposeScope();
         }
@@ -135,7 +138,8 @@ public sealed class AutoencoderKL : nn.Module<Tensor, Tensor>
     public Tensor Decode(Tensor latents)
     {
         using var scope = NewDisposeScope();
-        var z = _postQuantConv is null ? latents : _postQuantConv.call(latents);
+        var z = latents.to_type(DType);
+        if (_postQuantConv is not null) z = _postQuantConv.call(z);
         return _decoder.call(z).MoveToOuterDisposeScope();
     }
 

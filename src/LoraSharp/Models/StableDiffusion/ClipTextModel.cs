@@ -53,9 +53,9 @@ public sealed record ClipTextConfig
     internal void Validate(string source)
     {
         if (HiddenSize % NumAttentionHeads != 0)
-            throw new LoraSharpException($"{source}: hidden_size {HiddenSize} is not divisible by num_attention_heads {NumAttentionHeads}.");
+            throw new LoraSharpException($"hidden_size {HiddenSize} is not divisible by num_attention_heads {NumAttentionHeads}", source, "num_attention_heads");
         if (HiddenAct is not ("quick_gelu" or "gelu"))
-            throw new LoraSharpException($"{source}: hidden_act '{HiddenAct}' is not supported (expected quick_gelu or gelu).");
+            throw new LoraSharpException($"hidden_act '{HiddenAct}' is not supported (expected quick_gelu or gelu)", source, "hidden_act");
     }
 }
 

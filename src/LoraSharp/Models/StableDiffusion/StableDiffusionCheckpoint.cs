@@ -47,7 +47,7 @@ public static class StableDiffusionCheckpoint
         var config = options.Config ?? DeriveConfig(source);
         var family = config.Family;
         // Built on the meta device (no memory, no random initialisation); loading puts every parameter on options.Device.
-        var model = new StableDiffusionModel(config, StableDiffusionModel.MetaDevice, options.DType, options.LoadVae, options.LoadTextEncoders);
+        var model = new StableDiffusionModel(config, StableDiffusionModel.MetaDevice, options.DType, options.LoadVae, options.LoadTextEncoders, options.VaeDType);
         try
         {
             var consumed = new HashSet<string>();
@@ -73,6 +73,61 @@ public static class StableDiffusionCheckpoint
             model.Dispose();
             throw;
         }
+    }
+
+    /// <summary>
+    /// Loads a standalone VAE file (A1111 <c>.vae.safetensors</c> / <c>.vae.pt</c> in ldm names, with or without the
+    /// <c>first_stage_model.</c> root, or a diffusers <c>vae/</c> weights file or folder). The config defaults to the
+    /// folder's config.json, else to SD's VAE derived from the shapes (scaling factor 0.18215 unless given).
+    /// </summary>
+    public static AutoencoderKL LoadVae(string path, VaeConfig? config = null, ScalarType dtype = ScalarType.Float32, Device? device = null)
+    {
+        if (Directory.Exists(path))
+        {
+            config ??= VaeConfig.FromJsonFile(Path.Combine(path, "config.json"));
+            path = StableDiffusionModel.WeightsFile(path);
+        }
+        using var source = Open(path);
+        bool diffusers = source.Keys.Any(k => k.StartsWith("encoder.down_blocks.", StringComparison.Ordinal));
+        string root = source.Keys.Any(k => k.StartsWith(VaeRoot, StringComparison.Ordinal)) ? VaeRoot : "";
+        if (config is null)
+        {
+            if (diffusers)
+                throw new LoraSharpException("a diffusers-layout VAE file needs its config.json (load the folder, or pass a VaeConfig)", path);
+            var view = root == VaeRoot ? source : new PrefixedView(source, VaeRoot);
+            config = DeriveVae(view, StableDiffusionFamily.SD1);
+        }
+        var vae = new AutoencoderKL(config, StableDiffusionModel.MetaDevice, dtype);
+        try
+        {
+            var keys = WeightCopy.StateKeys(vae);
+            var mappings = diffusers ? WeightCopy.Identity(vae) : LdmKeyMap.ForVae(config).Mappings(keys, root);
+            var consumed = new HashSet<string>();
+            WeightCopy.Copy(vae, "vae", source, mappings, consumed, materializeOn: device);
+            var unexpected = source.Keys.Where(k => !consumed.Contains(k) && !StableDiffusionModel.IsIgnorable(k)
+                && (root == "" || k.StartsWith(root, StringComparison.Ordinal))).ToList();
+            if (unexpected.Count > 0)
+                throw new LoraSharpException($"{unexpected.Count} keys match no VAE parameter: {string.Join(", ", unexpected.Take(10))}", path);
+            return vae;
+        }
+        catch
+        {
+            vae.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>Keys seen with a prefix added (so derivation code written for a root can read a root-less file).</summary>
+    sealed class PrefixedView(ITensorSource inner, string prefix) : ITensorSource
+    {
+        public string FilePath => inner.FilePath;
+        public IReadOnlyList<string> Keys { get; } = inner.Keys.Select(k => prefix + k).ToArray();
+        public IReadOnlyDictionary<string, string> Metadata => inner.Metadata;
+        public TensorInfo Info(string key) => inner.Info(Strip(key)) with { Key = key };
+        public bool Contains(string key) => key.StartsWith(prefix, StringComparison.Ordinal) && inner.Contains(Strip(key));
+        public Tensor Load(string key, ScalarType? dtype = null, Device? device = null) => inner.Load(Strip(key), dtype, device);
+        public void Dispose() { }
+        string Strip(string key) => key.StartsWith(prefix, StringComparison.Ordinal) ? key[prefix.Length..] : key;
     }
 
     /// <summary>ldm EMA key of a UNet key: <c>model_ema.</c> + the path after <c>model.</c> with its dots removed.</summary>
@@ -115,6 +170,18 @@ public static class StableDiffusionCheckpoint
             foreach (var m in mappings)
                 map[name + "." + m.Target] = m with { Target = name + "." + m.Target };
         return map;
+    }
+
+    /// <summary>
+    /// <see cref="SingleFileKeyMap(StableDiffusionModel)"/> for a file, from its headers only (config derived from the
+    /// shapes unless given; the model is built on the meta device, so nothing is allocated or read).
+    /// </summary>
+    public static IReadOnlyDictionary<string, KeyMapping> SingleFileKeyMap(ITensorSource source, StableDiffusionConfig? config = null)
+    {
+        source = StateDictView.Unwrap(source, ownsInner: false);
+        config ??= DeriveConfig(source);
+        using var model = new StableDiffusionModel(config, StableDiffusionModel.MetaDevice);
+        return SingleFileKeyMap(model);
     }
 
     /// <summary>

@@ -54,6 +54,17 @@ public sealed record StableDiffusionConfig
     }
 }
 
+/// <summary>What the UNet is conditioned on: the cross-attention states [B, T, context] and, for SDXL, the pooled
+/// projected text embeds [B, P] (null otherwise).</summary>
+public sealed record TextConditioning(Tensor Context, Tensor? PooledTextEmbeds) : IDisposable
+{
+    public void Dispose()
+    {
+        Context.Dispose();
+        PooledTextEmbeds?.Dispose();
+    }
+}
+
 /// <summary>Options for loading a Stable Diffusion model.</summary>
 public sealed record StableDiffusionLoadOptions
 {
@@ -69,6 +80,9 @@ public sealed record StableDiffusionLoadOptions
     public bool LoadTextEncoders { get; init; } = true;
     /// <summary>Throw when the file holds keys no parameter read (they are always listed in the reports).</summary>
     public bool ThrowOnUnexpected { get; init; }
+    /// <summary>The VAE's dtype when it should differ from <see cref="DType"/> (SDXL's VAE overflows in float16:
+    /// diffusers' force_upcast); null = <see cref="DType"/>.</summary>
+    public ScalarType? VaeDType { get; init; }
 }
 
 /// <summary>
@@ -90,9 +104,10 @@ public sealed class StableDiffusionModel : nn.Module
     /// <summary>One report per loaded component (empty for a model built with random weights).</summary>
     public IReadOnlyList<WeightLoadReport> LoadReports { get; internal set; } = [];
 
-    /// <summary>Builds the components of <paramref name="config"/> with freshly initialised weights.</summary>
+    /// <summary>Builds the components of <paramref name="config"/> with freshly initialised weights
+    /// (<paramref name="vaeDtype"/>: the VAE's own dtype, e.g. float32 for SDXL's fp16-NaN-prone VAE).</summary>
     public StableDiffusionModel(StableDiffusionConfig config, Device? device = null, ScalarType? dtype = null,
-        bool withVae = true, bool withTextEncoders = true) : base(nameof(StableDiffusionModel))
+        bool withVae = true, bool withTextEncoders = true, ScalarType? vaeDtype = null) : base(nameof(StableDiffusionModel))
     {
         Config = config;
         Unet = new UNet2DConditionModel(config.Unet, device, dtype);
@@ -109,7 +124,7 @@ public sealed class StableDiffusionModel : nn.Module
         }
         if (withVae && config.Vae is not null)
         {
-            Vae = new AutoencoderKL(config.Vae, device, dtype);
+            Vae = new AutoencoderKL(config.Vae, device, vaeDtype ?? dtype);
             register_module("vae", Vae);
         }
     }
@@ -120,14 +135,15 @@ public sealed class StableDiffusionModel : nn.Module
 
     /// <summary>
     /// Loads a diffusers folder: each component's config.json and weights (<c>diffusion_pytorch_model.safetensors</c> or
-    /// <c>model.safetensors</c>, or their <c>.fp16</c> variants), with a name-checked copy.
+    /// <c>model.safetensors</c>, sharded with an <c>.index.json</c>, their <c>.fp16</c> variants, or <c>.bin</c>), with a
+    /// name-checked copy.
     /// </summary>
     public static StableDiffusionModel FromDiffusers(string folder, StableDiffusionLoadOptions? options = null)
     {
         options ??= new StableDiffusionLoadOptions();
         var config = StableDiffusionConfig.FromDiffusersFolder(folder);
         // Built on the meta device (no memory, no random initialisation); loading puts every parameter on options.Device.
-        var model = new StableDiffusionModel(config, MetaDevice, options.DType, options.LoadVae, options.LoadTextEncoders);
+        var model = new StableDiffusionModel(config, MetaDevice, options.DType, options.LoadVae, options.LoadTextEncoders, options.VaeDType);
         try
         {
             var reports = new List<WeightLoadReport>();
@@ -157,8 +173,11 @@ public sealed class StableDiffusionModel : nn.Module
     /// <summary>The weights file of a diffusers component folder.</summary>
     internal static string WeightsFile(string componentFolder)
     {
-        string[] names = ["diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors",
-            "diffusion_pytorch_model.bin", "pytorch_model.bin"];
+        string[] names = ["diffusion_pytorch_model.safetensors", "model.safetensors",
+            "diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json",
+            "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors",
+            "diffusion_pytorch_model.safetensors.index.fp16.json", "model.safetensors.index.fp16.json",
+            "diffusion_pytorch_model.bin", "pytorch_model.bin", "diffusion_pytorch_model.bin.index.json", "pytorch_model.bin.index.json"];
         foreach (var n in names)
         {
             var p = Path.Combine(componentFolder, n);
@@ -167,10 +186,12 @@ public sealed class StableDiffusionModel : nn.Module
         throw new LoraSharpException($"no weights file found (looked for {string.Join(", ", names)})", componentFolder);
     }
 
-    /// <summary>Opens a tensor file by its content (safetensors or PyTorch zip); a torch.save'd <c>{"state_dict": …}</c>
+    /// <summary>Opens a tensor file by its content (safetensors or PyTorch zip), or a sharded checkpoint's <c>*.index*.json</c>; a torch.save'd <c>{"state_dict": …}</c>
     /// is seen without its <c>state_dict.</c> prefix.</summary>
     internal static ITensorSource OpenTensors(string path)
     {
+        if (path.EndsWith(".json", StringComparison.OrdinalIgnoreCase))
+            return ShardedTensorSource.Open(path);
         var source = TensorFiles.Open(path);
         return StateDictView.Unwrap(source);
     }
@@ -210,6 +231,68 @@ public sealed class StableDiffusionModel : nn.Module
     ];
 
     internal static readonly Device MetaDevice = new(DeviceType.META);
+
+    /// <summary>
+    /// The UNet's text conditioning for token ids, by the family's convention. <paramref name="clipSkip"/> 1 = the
+    /// family's default layer, 2 = one layer earlier, ….
+    /// SD1/SD2: hidden state [−clipSkip] through the final layer norm (clip skip 1 = last_hidden_state; SD2's encoder
+    /// already omits OpenCLIP's last layer). SDXL base: cat(encoder 1, encoder 2) of hidden state [−(clipSkip+1)]
+    /// without the final norm (penultimate by default), with <paramref name="inputIds2"/> for encoder 2 (its tokenizer
+    /// pads with id 0; defaults to <paramref name="inputIds"/>); refiner: encoder 2 alone. SDXL also returns the pooled,
+    /// projected output of encoder 2 (last layer, final norm, EOS = argmax id) for <see cref="UNetInputs.TextEmbeds"/>.
+    /// </summary>
+    public TextConditioning EncodeText(Tensor inputIds, Tensor? inputIds2 = null, int clipSkip = 1)
+    {
+        if (clipSkip < 1) throw new ArgumentOutOfRangeException(nameof(clipSkip), clipSkip, "clip skip starts at 1");
+        using var scope = NewDisposeScope();
+        switch (Family)
+        {
+            case StableDiffusionFamily.SDXLBase:
+            case StableDiffusionFamily.SDXLRefiner:
+            {
+                var te2 = TextEncoder2 ?? throw new InvalidOperationException("this SDXL model was loaded without text_encoder_2");
+                using var o2 = te2.call(inputIds2 ?? inputIds);
+                var states2 = Pick(o2.HiddenStates, clipSkip + 1);
+                Tensor context;
+                if (Family == StableDiffusionFamily.SDXLBase)
+                {
+                    var te1 = TextEncoder ?? throw new InvalidOperationException("this SDXL model was loaded without text_encoder");
+                    using var o1 = te1.call(inputIds);
+                    context = cat([Pick(o1.HiddenStates, clipSkip + 1), states2], -1);
+                }
+                else
+                {
+                    context = states2.alias();
+                }
+                var pooled = o2.TextEmbeds!.alias();
+                return new TextConditioning(context.MoveToOuterDisposeScope(), pooled.MoveToOuterDisposeScope());
+            }
+            default:
+            {
+                var te = TextEncoder ?? throw new InvalidOperationException("this model was loaded without its text encoder");
+                return new TextConditioning(te.Encode(inputIds, clipSkip, applyFinalLayerNorm: true).MoveToOuterDisposeScope(), null);
+            }
+        }
+    }
+
+    static Tensor Pick(IReadOnlyList<Tensor> hiddenStates, int fromEnd) =>
+        fromEnd <= hiddenStates.Count - 1
+            ? hiddenStates[hiddenStates.Count - fromEnd]
+            : throw new ArgumentOutOfRangeException(nameof(fromEnd), $"clip skip reaches past the first layer ({hiddenStates.Count - 1} layers)");
+
+    /// <summary>
+    /// SDXL's added time ids per sample: base [orig_h, orig_w, crop_top, crop_left, target_h, target_w]; refiner
+    /// [orig_h, orig_w, crop_top, crop_left, aesthetic_score] (pixels; score e.g. 6 for the positive, 2.5 for the negative prompt).
+    /// </summary>
+    public Tensor TimeIds(int batch, (int Height, int Width) original, (int Top, int Left) crop, (int Height, int Width) target, double aestheticScore = 6.0)
+    {
+        float[] row = Family == StableDiffusionFamily.SDXLRefiner
+            ? [original.Height, original.Width, crop.Top, crop.Left, (float)aestheticScore]
+            : [original.Height, original.Width, crop.Top, crop.Left, target.Height, target.Width];
+        var device = Unet.parameters().First().device;
+        using var scope = NewDisposeScope();
+        return tensor(row, device: device).unsqueeze(0).expand(batch, row.Length).contiguous().MoveToOuterDisposeScope();
+    }
 
     /// <summary>Number of parameters of a module.</summary>
     public static long ParameterCount(nn.Module module) => module.parameters().Sum(p => p.numel());

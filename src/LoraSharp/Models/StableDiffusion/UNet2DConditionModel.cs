@@ -23,6 +23,8 @@ public sealed record UNetConfig
     public int[] AttentionHeads { get; init; } = [8, 8, 8, 8];
     public int CrossAttentionDim { get; init; } = 768;
     public bool UseLinearProjection { get; init; }
+    /// <summary>Attention scores and softmax in float32 when the model runs in half precision (SD 2.1 sets it).</summary>
+    public bool UpcastAttention { get; init; }
     public int NormNumGroups { get; init; } = 32;
     public double NormEps { get; init; } = 1e-5;
     public bool FlipSinToCos { get; init; } = true;
@@ -73,7 +75,8 @@ public sealed record UNetConfig
             LayersPerBlock = DiffusersJson.PerBlock(r, "layers_per_block", n) ?? Enumerable.Repeat(2, n).ToArray(),
             TransformerLayersPerBlock = DiffusersJson.PerBlock(r, "transformer_layers_per_block", n) ?? Enumerable.Repeat(1, n).ToArray(),
             AttentionHeads = heads,
-            CrossAttentionDim = DiffusersJson.Int(r, "cross_attention_dim", 1280),
+            CrossAttentionDim = SingleValue(DiffusersJson.PerBlock(r, "cross_attention_dim", n) ?? [1280], path, "cross_attention_dim"),
+            UpcastAttention = DiffusersJson.Bool(r, "upcast_attention", false),
             UseLinearProjection = DiffusersJson.Bool(r, "use_linear_projection", false),
             NormNumGroups = DiffusersJson.Int(r, "norm_num_groups", 32),
             NormEps = DiffusersJson.Double(r, "norm_eps", 1e-5),
@@ -91,6 +94,9 @@ public sealed record UNetConfig
         c.Validate(path);
         return c;
     }
+
+    static int SingleValue(int[] values, string path, string key) =>
+        values.Distinct().Count() == 1 ? values[0] : throw new LoraSharpException($"per-block values [{string.Join(", ", values)}] are not supported", path, key);
 
     internal void Validate(string source)
     {
@@ -205,10 +211,10 @@ public sealed class UNet2DConditionModel : nn.Module<UNetInputs, Tensor>
     public override Tensor forward(UNetInputs input)
     {
         using var scope = NewDisposeScope();
-        var sample = input.Sample;
-        var ehs = input.EncoderHiddenStates;
+        var dtype = _convIn.weight!.dtype; // inputs are converted to the model's dtype
+        var sample = input.Sample.to_type(dtype);
+        var ehs = input.EncoderHiddenStates.to_type(dtype);
         long batch = sample.shape[0];
-        var dtype = _convIn.weight!.dtype;
 
         // 1. time: sinusoidal features in fp32, then the embedding MLP in the model's dtype
         var t = input.Timestep.dim() == 0 ? input.Timestep.unsqueeze(0) : input.Timestep;
@@ -494,7 +500,7 @@ public sealed class Transformer2DModel : nn.Module<Tensor, Tensor, Tensor>
         _norm = Layers.GroupNorm(c.NormNumGroups, channels, 1e-6, device: device, dtype: dtype);
         _projIn = _linear ? nn.Linear(channels, _inner, device: device, dtype: dtype) : nn.Conv2d(channels, _inner, 1, device: device, dtype: dtype);
         _blocks = nn.ModuleList(Enumerable.Range(0, layers)
-            .Select(_ => new BasicTransformerBlock(_inner, heads, headDim, c.CrossAttentionDim, device, dtype)).ToArray());
+            .Select(_ => new BasicTransformerBlock(_inner, heads, headDim, c.CrossAttentionDim, c.UpcastAttention, device, dtype)).ToArray());
         _projOut = _linear ? nn.Linear(_inner, channels, device: device, dtype: dtype) : nn.Conv2d(_inner, channels, 1, device: device, dtype: dtype);
         register_module("norm", _norm);
         register_module("proj_in", _projIn);
@@ -531,12 +537,12 @@ public sealed class BasicTransformerBlock : nn.Module<Tensor, Tensor, Tensor>
     readonly CrossAttention _attn1, _attn2;
     readonly FeedForward _ff;
 
-    public BasicTransformerBlock(long dim, int heads, int headDim, long crossAttentionDim, Device? device, ScalarType? dtype) : base(nameof(BasicTransformerBlock))
+    public BasicTransformerBlock(long dim, int heads, int headDim, long crossAttentionDim, bool upcast, Device? device, ScalarType? dtype) : base(nameof(BasicTransformerBlock))
     {
         _norm1 = Layers.LayerNorm(dim, 1e-5, device: device, dtype: dtype);
-        _attn1 = new CrossAttention(dim, dim, heads, headDim, device, dtype);
+        _attn1 = new CrossAttention(dim, dim, heads, headDim, upcast, device, dtype);
         _norm2 = Layers.LayerNorm(dim, 1e-5, device: device, dtype: dtype);
-        _attn2 = new CrossAttention(dim, crossAttentionDim, heads, headDim, device, dtype);
+        _attn2 = new CrossAttention(dim, crossAttentionDim, heads, headDim, upcast, device, dtype);
         _norm3 = Layers.LayerNorm(dim, 1e-5, device: device, dtype: dtype);
         _ff = new FeedForward(dim, dim * 4, device, dtype);
         register_module("norm1", _norm1);
@@ -568,8 +574,11 @@ public sealed class CrossAttention : nn.Module<Tensor, Tensor, Tensor>
     readonly ModuleList<nn.Module<Tensor, Tensor>> _out;
     readonly int _heads, _headDim;
 
-    public CrossAttention(long queryDim, long contextDim, int heads, int headDim, Device? device, ScalarType? dtype) : base(nameof(CrossAttention))
+    readonly bool _upcast;
+
+    public CrossAttention(long queryDim, long contextDim, int heads, int headDim, bool upcast, Device? device, ScalarType? dtype) : base(nameof(CrossAttention))
     {
+        _upcast = upcast;
         _heads = heads;
         _headDim = headDim;
         long inner = (long)heads * headDim;
@@ -591,7 +600,11 @@ public sealed class CrossAttention : nn.Module<Tensor, Tensor, Tensor>
         var q = Heads(_q.call(x));
         var k = Heads(_k.call(context));
         var v = Heads(_v.call(context));
-        var a = nn.functional.scaled_dot_product_attention(q, k, v);
+        Tensor a;
+        if (_upcast && q.dtype is ScalarType.Float16 or ScalarType.BFloat16)
+            a = nn.functional.scaled_dot_product_attention(q.to_type(ScalarType.Float32), k.to_type(ScalarType.Float32), v.to_type(ScalarType.Float32)).to_type(q.dtype);
+        else
+            a = nn.functional.scaled_dot_product_attention(q, k, v);
         var o = a.transpose(1, 2).reshape(b, -1, (long)_heads * _headDim);
         foreach (var m in _out) o = m.call(o);
         return o.MoveToOuterDisposeScope();
