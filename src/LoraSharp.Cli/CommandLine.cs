@@ -11,6 +11,7 @@ public static class CommandLine
         root.Subcommands.Add(Commands.InspectCommand.Create());
         root.Subcommands.Add(Commands.ConvertCommand.Create());
         root.Subcommands.Add(Commands.PngInfoCommand.Create());
+        root.Subcommands.Add(Commands.DemoCommand.Create());
         return root;
     }
 

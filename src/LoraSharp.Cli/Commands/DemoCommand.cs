@@ -1,0 +1,98 @@
+using System.CommandLine;
+using System.Globalization;
+using LoraSharp.Demo;
+using Spectre.Console;
+
+namespace LoraSharp.Cli.Commands;
+
+/// <summary>
+/// <c>lorasharp demo pretrain-image</c>: pretrains the built-in demo image model from a seed;
+/// <c>lorasharp demo dataset</c>: draws a kohya training folder of demo scenes (e.g. the held-out star).
+/// </summary>
+public static class DemoCommand
+{
+    public static Command Create()
+    {
+        var command = new Command("demo", "The built-in demo model: pretrain it from a seed, or draw demo datasets.");
+        command.Subcommands.Add(PretrainImage());
+        command.Subcommands.Add(Dataset());
+        return command;
+    }
+
+    static Command PretrainImage()
+    {
+        var d = new DemoPretrainOptions();
+        var seed = new Option<int>("--seed") { Description = $"Seed of the scenes, the initial weights and the batches. Default: {d.Seed}.", DefaultValueFactory = _ => d.Seed };
+        var output = new Option<string>("--out") { Description = "Checkpoint to write (single-file SD1 .safetensors); the tokenizer goes to tokenizer/ next to it. Default: models/demo/demo-sd.safetensors.", DefaultValueFactory = _ => "models/demo/demo-sd.safetensors" };
+        var images = new Option<int>("--images") { Description = $"Scenes drawn for pretraining. Default: {d.Images}.", DefaultValueFactory = _ => d.Images };
+        var vaeSteps = new Option<int>("--vae-steps") { Description = $"VAE optimizer steps. Default: {d.VaeSteps}.", DefaultValueFactory = _ => d.VaeSteps };
+        var unetSteps = new Option<int>("--unet-steps") { Description = $"UNet + text encoder optimizer steps. Default: {d.UnetSteps}.", DefaultValueFactory = _ => d.UnetSteps };
+        var unetBatch = new Option<int>("--unet-batch") { Description = $"UNet batch size. Default: {d.UnetBatch}.", DefaultValueFactory = _ => d.UnetBatch };
+        var cmd = new Command("pretrain-image", "Pretrain the demo image model (SD 1.x architecture, tiny) on procedural shapes (the star is held out).")
+        {
+            seed, output, images, vaeSteps, unetSteps, unetBatch,
+        };
+        cmd.SetAction(r => CliErrors.Run(() =>
+        {
+            var o = d with
+            {
+                Seed = r.GetValue(seed), Images = r.GetValue(images), VaeSteps = r.GetValue(vaeSteps),
+                UnetSteps = r.GetValue(unetSteps), UnetBatch = r.GetValue(unetBatch),
+            };
+            return RunPretrain(o, r.GetValue(output)!);
+        }));
+        return cmd;
+    }
+
+    public static int RunPretrain(DemoPretrainOptions o, string output)
+    {
+        var trainer = new DemoPretrainer(o, line => AnsiConsole.MarkupLine("[grey]" + Markup.Escape(line) + "[/]"));
+        DemoPretrainResult? result = null;
+        AnsiConsole.Progress()
+            .Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new PercentageColumn(), new RemainingTimeColumn(), new SpinnerColumn())
+            .Start(ctx =>
+            {
+                var vae = ctx.AddTask("VAE", maxValue: o.VaeSteps);
+                var unet = ctx.AddTask("UNet + text encoder", maxValue: o.UnetSteps, autoStart: false);
+                trainer.Progress += p =>
+                {
+                    var task = p.Stage == "vae" ? vae : unet;
+                    if (!task.IsStarted) task.StartTask();
+                    task.Value = p.Step;
+                    task.Description = $"{(p.Stage == "vae" ? "VAE" : "UNet + text encoder")} loss {p.AverageLoss.ToString("0.0000", CultureInfo.InvariantCulture)}";
+                };
+                result = trainer.Run(output);
+            });
+        var r = result!;
+        var table = new Table().AddColumns("", "value");
+        table.AddRow("model", Markup.Escape(r.ModelPath));
+        table.AddRow("tokenizer", Markup.Escape(r.TokenizerFolder));
+        table.AddRow("loss curves", Markup.Escape(r.LossCurvePath + ", " + r.VaeLossCurvePath));
+        table.AddRow("VAE", $"{r.VaeTime.TotalSeconds:0} s, final reconstruction loss {r.VaeFinalLoss:0.0000}");
+        table.AddRow("UNet + text encoder", $"{r.UnetTime.TotalSeconds:0} s, final ε loss {r.UnetFinalLoss:0.0000}");
+        table.AddRow("total", $"{r.TotalTime.TotalSeconds:0} s");
+        AnsiConsole.Write(table);
+        return 0;
+    }
+
+    static Command Dataset()
+    {
+        var output = new Option<string>("--out") { Description = "Dataset root (a <repeats>_<tokens> folder is created inside). Default: examples/quickstart/train.", DefaultValueFactory = _ => "examples/quickstart/train" };
+        var shape = new Option<string>("--shape") { Description = "circle, square, triangle or star. Default: star.", DefaultValueFactory = _ => "star" };
+        var words = new Option<string>("--words") { Description = "What the captions call the shape (the trigger). Default: \"sks star\".", DefaultValueFactory = _ => "sks star" };
+        var count = new Option<int>("--count") { Description = "Images. Default: 24.", DefaultValueFactory = _ => 24 };
+        var repeats = new Option<int>("--repeats") { Description = "kohya repeats in the folder name. Default: 10.", DefaultValueFactory = _ => 10 };
+        var seed = new Option<int>("--seed") { Description = "Seed. Default: 7.", DefaultValueFactory = _ => 7 };
+        var cmd = new Command("dataset", "Draw a kohya-style captioned folder of demo scenes.") { output, shape, words, count, repeats, seed };
+        cmd.SetAction(r => CliErrors.Run(() =>
+        {
+            var name = r.GetValue(shape)!;
+            if (!Enum.TryParse<DemoShape>(name, ignoreCase: true, out var s))
+                throw new LoraSharpException($"unknown shape '{name}' (expected circle, square, triangle or star)", key: "--shape");
+            var folder = ShapeScenes.WriteKohyaFolder(r.GetValue(output)!, r.GetValue(repeats), r.GetValue(words)!, r.GetValue(words)!, s, r.GetValue(count), DemoModel.ImageSize, r.GetValue(seed));
+            AnsiConsole.MarkupLine($"wrote {r.GetValue(count)} images with captions to [green]{Markup.Escape(folder)}[/]");
+            return 0;
+        }));
+        return cmd;
+    }
+}
