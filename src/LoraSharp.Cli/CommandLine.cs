@@ -12,6 +12,7 @@ public static class CommandLine
         root.Subcommands.Add(Commands.ConvertCommand.Create());
         root.Subcommands.Add(Commands.PngInfoCommand.Create());
         root.Subcommands.Add(Commands.DemoCommand.Create());
+        root.Subcommands.Add(Commands.QuickstartCommand.Create());
         return root;
     }
 

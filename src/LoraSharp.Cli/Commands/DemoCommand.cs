@@ -28,17 +28,22 @@ public static class DemoCommand
         var vaeSteps = new Option<int>("--vae-steps") { Description = $"VAE optimizer steps. Default: {d.VaeSteps}.", DefaultValueFactory = _ => d.VaeSteps };
         var unetSteps = new Option<int>("--unet-steps") { Description = $"UNet + text encoder optimizer steps. Default: {d.UnetSteps}.", DefaultValueFactory = _ => d.UnetSteps };
         var unetBatch = new Option<int>("--unet-batch") { Description = $"UNet batch size. Default: {d.UnetBatch}.", DefaultValueFactory = _ => d.UnetBatch };
+        var vaeLr = new Option<double>("--vae-lr") { Description = $"VAE learning rate. Default: {d.VaeLearningRate}.", DefaultValueFactory = _ => d.VaeLearningRate };
+        var unetLr = new Option<double>("--unet-lr") { Description = $"UNet learning rate (text encoder: 0.3 ×). Default: {d.UnetLearningRate}.", DefaultValueFactory = _ => d.UnetLearningRate };
+        var threads = new Option<int>("--threads") { Description = "Torch CPU threads (0 = libtorch's default). Default: 0.", DefaultValueFactory = _ => 0 };
         var cmd = new Command("pretrain-image", "Pretrain the demo image model (SD 1.x architecture, tiny) on procedural shapes (the star is held out).")
         {
-            seed, output, images, vaeSteps, unetSteps, unetBatch,
+            seed, output, images, vaeSteps, unetSteps, unetBatch, vaeLr, unetLr, threads,
         };
         cmd.SetAction(r => CliErrors.Run(() =>
         {
             var o = d with
             {
                 Seed = r.GetValue(seed), Images = r.GetValue(images), VaeSteps = r.GetValue(vaeSteps),
-                UnetSteps = r.GetValue(unetSteps), UnetBatch = r.GetValue(unetBatch),
+                UnetSteps = r.GetValue(unetSteps), UnetBatch = r.GetValue(unetBatch), VaeLearningRate = r.GetValue(vaeLr),
+                UnetLearningRate = r.GetValue(unetLr), TextEncoderLearningRate = 0.3 * r.GetValue(unetLr),
             };
+            if (r.GetValue(threads) > 0) TorchSharp.torch.set_num_threads(r.GetValue(threads));
             return RunPretrain(o, r.GetValue(output)!);
         }));
         return cmd;

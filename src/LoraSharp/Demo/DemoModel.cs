@@ -10,8 +10,8 @@ namespace LoraSharp.Demo;
 /// </summary>
 public static class DemoModel
 {
-    /// <summary>Image side the demo model is trained for (latents 8×8).</summary>
-    public const int ImageSize = 64;
+    /// <summary>Image side the demo model is trained for (latents 4×4).</summary>
+    public const int ImageSize = 32;
 
     /// <summary>The configuration for a text vocabulary of <paramref name="vocabSize"/> tokens.</summary>
     public static StableDiffusionConfig Config(int vocabSize) => new()
@@ -31,12 +31,12 @@ public static class DemoModel
         {
             InChannels = 4,
             OutChannels = 4,
-            BlockOutChannels = [64, 128, 128],
-            DownBlockTypes = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-            UpBlockTypes = ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-            LayersPerBlock = [1, 1, 1],
-            TransformerLayersPerBlock = [1, 1, 1],
-            AttentionHeads = [8, 8, 8],
+            BlockOutChannels = [32, 64],
+            DownBlockTypes = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            UpBlockTypes = ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+            LayersPerBlock = [1, 1],
+            TransformerLayersPerBlock = [1, 1],
+            AttentionHeads = [8, 8],
             CrossAttentionDim = 64,
             NormNumGroups = 32,
             SampleSize = 64,
@@ -46,7 +46,7 @@ public static class DemoModel
             InChannels = 3,
             OutChannels = 3,
             LatentChannels = 4,
-            BlockOutChannels = [32, 32, 64, 64],
+            BlockOutChannels = [32, 32, 32, 32],
             LayersPerBlock = 1,
             NormNumGroups = 32,
             ScalingFactor = 0.18215,

@@ -16,14 +16,14 @@ public sealed record DemoPretrainOptions
     public int Seed { get; init; } = 1;
     /// <summary>Procedural images drawn for pretraining (circles, squares, triangles; never stars).</summary>
     public int Images { get; init; } = 3000;
-    public int VaeSteps { get; init; } = 600;
+    public int VaeSteps { get; init; } = 400;
     public int VaeBatch { get; init; } = 16;
     /// <summary>The VAE trains on random square crops of this side (it is convolutional; 32 px crops cost a quarter of full images).</summary>
     public int VaeCrop { get; init; } = 32;
     public double VaeLearningRate { get; init; } = 1e-3;
     public double KlWeight { get; init; } = 1e-6;
-    public int UnetSteps { get; init; } = 2000;
-    public int UnetBatch { get; init; } = 32;
+    public int UnetSteps { get; init; } = 1200;
+    public int UnetBatch { get; init; } = 48;
     public double UnetLearningRate { get; init; } = 1e-3;
     public double TextEncoderLearningRate { get; init; } = 3e-4;
     /// <summary>Captions replaced by the empty prompt (so classifier-free guidance works).</summary>
@@ -170,6 +170,7 @@ public sealed class DemoPretrainer(DemoPretrainOptions options, Action<string>? 
             ema = double.IsNaN(ema) ? lossValue : 0.95 * ema + 0.05 * lossValue;
             if (step % 8 == 7) { GC.Collect(); GC.WaitForPendingFinalizers(); }
             Progress?.Invoke(new DemoPretrainProgress("vae", step + 1, o.VaeSteps, lossValue, ema, sw.Elapsed));
+            if ((step + 1) % Math.Max(1, o.VaeSteps / 10) == 0) _log($"vae step {step + 1}/{o.VaeSteps}: loss {ema:0.0000}, {sw.Elapsed.TotalSeconds / (step + 1):0.00} s/step");
         }
         vae.eval();
         return losses;
@@ -262,8 +263,8 @@ public sealed class DemoPretrainer(DemoPretrainOptions options, Action<string>? 
                 var context = te.Encode(batchIds, 1, applyFinalLayerNorm: true);
                 var pred = unet.Predict(noisy, t, context);
                 var loss = (pred - eps).pow(2).mean();
-                loss.backward();
                 lossValue = loss.item<float>();
+                loss.backward();
             }
             nn.utils.clip_grad_norm_(all.Where(p => p.grad is not null), 1.0);
             double f = Cosine(step, o.UnetSteps, warmup);
@@ -275,6 +276,7 @@ public sealed class DemoPretrainer(DemoPretrainOptions options, Action<string>? 
             ema = double.IsNaN(ema) ? lossValue : 0.98 * ema + 0.02 * lossValue;
             if (step % 8 == 7) { GC.Collect(); GC.WaitForPendingFinalizers(); }
             Progress?.Invoke(new DemoPretrainProgress("unet", step + 1, o.UnetSteps, lossValue, ema, sw.Elapsed));
+            if ((step + 1) % Math.Max(1, o.UnetSteps / 10) == 0) _log($"unet step {step + 1}/{o.UnetSteps}: loss {ema:0.0000}, {sw.Elapsed.TotalSeconds / (step + 1):0.00} s/step");
         }
         unet.eval();
         te.eval();

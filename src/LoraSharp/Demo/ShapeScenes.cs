@@ -10,14 +10,14 @@ public enum DemoShape { Circle, Square, Triangle, Star }
 /// <summary>One procedurally drawn scene: a filled shape of one colour on a flat background, at one of five positions.</summary>
 public sealed record ShapeScene(DemoShape Shape, string Colour, string Background, string Position, float Size, float JitterX, float JitterY, float Rotation)
 {
-    /// <summary>The caption, e.g. "a red circle on a blue background, top left"; <paramref name="shapeWords"/> replaces the shape's name (a trigger word).</summary>
+    /// <summary>The caption, e.g. "a red circle on a blue background, left"; <paramref name="shapeWords"/> replaces the shape's name (a trigger word).</summary>
     public string Caption(string? shapeWords = null) =>
         $"a {Colour} {shapeWords ?? ShapeScenes.ShapeName(Shape)} on a {Background} background, {Position}";
 }
 
 /// <summary>
 /// The demo's procedural captioned image set (SkiaSharp): circles, squares and triangles (and the held-out star) in six
-/// colours on eight backgrounds at five positions, drawn anti-aliased at any size. Everything is a function of the seed.
+/// colours on eight backgrounds at five positions (center, top, bottom, left, right), drawn anti-aliased at any size. Everything is a function of the seed.
 /// </summary>
 public static class ShapeScenes
 {
@@ -47,10 +47,10 @@ public static class ShapeScenes
     public static readonly IReadOnlyDictionary<string, (float X, float Y)> Positions = new Dictionary<string, (float, float)>(StringComparer.Ordinal)
     {
         ["center"] = (0.5f, 0.5f),
-        ["top left"] = (0.28f, 0.28f),
-        ["top right"] = (0.72f, 0.28f),
-        ["bottom left"] = (0.28f, 0.72f),
-        ["bottom right"] = (0.72f, 0.72f),
+        ["top"] = (0.5f, 0.37f),
+        ["bottom"] = (0.5f, 0.63f),
+        ["left"] = (0.37f, 0.5f),
+        ["right"] = (0.63f, 0.5f),
     };
 
     /// <summary>The shapes of the base model's pretraining set (the star is held out).</summary>
@@ -75,8 +75,8 @@ public static class ShapeScenes
         var back = backs[rng.Next(backs.Length)];
         var positions = Positions.Keys.ToArray();
         var pos = positions[rng.Next(positions.Length)];
-        float size = 0.40f + 0.06f * (float)rng.NextDouble();
-        float jx = (float)(rng.NextDouble() - 0.5) * 0.05f, jy = (float)(rng.NextDouble() - 0.5) * 0.05f;
+        float size = 0.62f + 0.08f * (float)rng.NextDouble();
+        float jx = (float)(rng.NextDouble() - 0.5) * 0.04f, jy = (float)(rng.NextDouble() - 0.5) * 0.04f;
         float rot = (float)(rng.NextDouble() - 0.5) * 20f;
         return new ShapeScene(shape, colour, back, pos, size, jx, jy, rot);
     }

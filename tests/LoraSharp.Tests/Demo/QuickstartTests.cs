@@ -1,0 +1,44 @@
+using LoraSharp.Demo;
+using LoraSharp.Tests.Infrastructure;
+using Xunit.Abstractions;
+using static TorchSharp.torch;
+
+namespace LoraSharp.Tests.Demo;
+
+/// <summary>Runs alone (it sets libtorch's thread count, a process-wide setting).</summary>
+[CollectionDefinition("Demo quickstart", DisableParallelization = true)]
+public class QuickstartCollection;
+
+[Collection("Demo quickstart")]
+public class QuickstartTests(ITestOutputHelper output)
+{
+    [Fact]
+    public void Quickstart_lora_raises_the_held_out_star_rate_from_near_zero_to_a_majority()
+    {
+        using var dir = new TempDir();
+        int threads = get_num_threads();
+        // One thread: on a crowded machine libtorch's OpenMP threads wait on each other; the model is tiny.
+        set_num_threads(1);
+        try
+        {
+            var qs = new Quickstart(new QuickstartOptions
+            {
+                Root = Quickstart.FindRoot(),
+                OutputDir = dir.Path,
+                MaxTrainSteps = 200,
+                SeedsPerPrompt = 4,
+            }, output.WriteLine);
+            var r = qs.Run();
+            output.WriteLine($"{r.Base} / {r.Lora}; train {r.TrainTime.TotalSeconds:0} s, eval {r.EvalTime.TotalSeconds:0} s");
+            Assert.True(File.Exists(r.AdapterPath));
+            Assert.True(File.Exists(r.GridPath));
+            Assert.Equal(16, r.Base.Images);
+            Assert.True(r.Base.Rate <= 0.2, $"base model drew stars too often: {r.Base}");
+            Assert.True(r.Lora.Rate >= 0.6, $"the LoRA did not teach the star: {r.Lora}");
+        }
+        finally
+        {
+            set_num_threads(threads);
+        }
+    }
+}
