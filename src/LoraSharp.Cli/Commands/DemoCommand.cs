@@ -16,6 +16,7 @@ public static class DemoCommand
         var command = new Command("demo", "The built-in demo model: pretrain it from a seed, or draw demo datasets.");
         command.Subcommands.Add(PretrainImage());
         command.Subcommands.Add(Dataset());
+        command.Subcommands.Add(Sample());
         return command;
     }
 
@@ -96,6 +97,49 @@ public static class DemoCommand
                 throw new LoraSharpException($"unknown shape '{name}' (expected circle, square, triangle or star)", key: "--shape");
             var folder = ShapeScenes.WriteKohyaFolder(r.GetValue(output)!, r.GetValue(repeats), r.GetValue(words)!, r.GetValue(words)!, s, r.GetValue(count), DemoModel.ImageSize, r.GetValue(seed));
             AnsiConsole.MarkupLine($"wrote {r.GetValue(count)} images with captions to [green]{Markup.Escape(folder)}[/]");
+            return 0;
+        }));
+        return cmd;
+    }
+
+    static Command Sample()
+    {
+        var model = new Option<string>("--model") { Description = "Demo checkpoint (tokenizer/ next to it). Default: models/demo/demo-sd.safetensors.", DefaultValueFactory = _ => "models/demo/demo-sd.safetensors" };
+        var output = new Option<string>("--out") { Description = "Grid PNG to write. Default: demo-samples.png.", DefaultValueFactory = _ => "demo-samples.png" };
+        var prompts = new Option<string[]>("--prompt") { Description = "Prompt (repeatable). Default: one prompt per shape, including the held-out star.", AllowMultipleArgumentsPerToken = false };
+        var seeds = new Option<int>("--seeds") { Description = "Seeds per prompt. Default: 6.", DefaultValueFactory = _ => 6 };
+        var threads = new Option<int>("--threads") { Description = "Torch CPU threads (0 = libtorch's default). Default: 0.", DefaultValueFactory = _ => 0 };
+        var cmd = new Command("sample", "Generate a grid with the demo model, read each image with the star detector, and check the VAE on drawn shapes.") { model, output, prompts, seeds, threads };
+        cmd.SetAction(r => CliErrors.Run(() =>
+        {
+            if (r.GetValue(threads) > 0) TorchSharp.torch.set_num_threads(r.GetValue(threads));
+            var list = r.GetValue(prompts) is { Length: > 0 } given ? given : new[]
+            {
+                "a red circle on a blue background, left", "a yellow square on a black background, center",
+                "a green triangle on a white background, right", "a orange circle on a purple background, top",
+                "a yellow star on a blue background, center", "a yellow sks star on a blue background, center",
+            };
+            int n = r.GetValue(seeds);
+            using var pipeline = LoraSharp.Diffusion.Txt2ImgPipeline.Load(r.GetValue(model)!);
+            var images = DemoChecks.Generate(pipeline, list, n);
+            var table = new Table().AddColumns("prompt", "stars", "shapes found", "solidity / lobes (per seed)");
+            for (int p = 0; p < list.Length; p++)
+            {
+                var readings = images[p].Select(StarDetector.Read).ToList();
+                table.AddRow(Markup.Escape(list[p]), $"{readings.Count(x => x.IsStar)}/{n}", $"{readings.Count(x => x.HasShape)}/{n}",
+                    string.Join(" ", readings.Select(x => x.Solidity.ToString("0.00", CultureInfo.InvariantCulture) + "/" + x.Lobes)));
+            }
+            AnsiConsole.Write(table);
+            using (var grid = DemoChecks.Grid(images, list.Select(p => ConceptComparison.ShortLabel(p, keepShape: true)).ToList(), Enumerable.Range(0, n).Select(i => $"seed {1000 + i}").ToList()))
+                LoraSharp.Imaging.PngImage.Save(grid, r.GetValue(output)!);
+            foreach (var row in images) foreach (var t in row) t.Dispose();
+            foreach (var shape in Enum.GetValues<DemoShape>())
+            {
+                var (rate, recon) = DemoChecks.VaeRoundTrip(pipeline.Model, shape, 50, 99);
+                recon.Dispose();
+                AnsiConsole.MarkupLine($"VAE round trip of 50 drawn {shape.ToString().ToLowerInvariant()}s: {rate.ToString("P0", CultureInfo.InvariantCulture)} read as stars");
+            }
+            AnsiConsole.MarkupLine($"grid: [green]{Markup.Escape(Path.GetFullPath(r.GetValue(output)!))}[/]");
             return 0;
         }));
         return cmd;

@@ -24,7 +24,7 @@ public sealed class ConceptComparison : IDisposable
     public required Tensor[][] LoraImages { get; init; }
 
     /// <summary>A grid: one row per prompt; columns base seed 1..k, then LoRA seed 1..k (<paramref name="columns"/> seeds each), cells upscaled to <paramref name="cell"/> px.</summary>
-    public SKBitmap Grid(int columns = 3, int cell = 128)
+    public SKBitmap Grid(int columns = 3, int cell = 160)
     {
         columns = Math.Min(columns, Seeds.Count);
         var images = new List<SKBitmap>();
@@ -40,13 +40,21 @@ public sealed class ConceptComparison : IDisposable
                             ?? throw new InvalidOperationException("could not resize an image"));
                     }
             }
-            var cols = Enumerable.Range(0, columns).Select(s => $"base, seed {Seeds[s]}").Concat(Enumerable.Range(0, columns).Select(s => $"LoRA, seed {Seeds[s]}")).ToList();
-            return ImageGrid.Compose(images, Prompts, cols);
+            var cols = Enumerable.Range(0, columns).Select(s => $"base {Seeds[s]}").Concat(Enumerable.Range(0, columns).Select(s => $"LoRA {Seeds[s]}")).ToList();
+            return ImageGrid.Compose(images, Prompts.Select(p => ShortLabel(p)).ToList(), cols);
         }
         finally
         {
             foreach (var i in images) i.Dispose();
         }
+    }
+
+    /// <summary>"a yellow sks star on a blue background, center" → "yellow on blue, center".</summary>
+    public static string ShortLabel(string prompt, bool keepShape = false)
+    {
+        var m = System.Text.RegularExpressions.Regex.Match(prompt, @"^an? (\w+) (.+?) on an? (\w+) background, (.+)$");
+        if (!m.Success) return prompt;
+        return keepShape ? $"{m.Groups[1].Value} {m.Groups[2].Value} / {m.Groups[3].Value}" : $"{m.Groups[1].Value} on {m.Groups[3].Value}, {m.Groups[4].Value}";
     }
 
     public void Dispose()
@@ -102,5 +110,61 @@ public static class ConceptEval
             });
             return Enumerable.Range(0, seeds.Length).Select(i => result.Images![i].detach().clone()).ToArray();
         }
+    }
+}
+
+/// <summary>Checks of a demo checkpoint on its own: what it draws for prompts, and how its VAE reproduces drawn shapes.</summary>
+public static class DemoChecks
+{
+    /// <summary>Images [prompt][seed] ([3, H, W] in [−1, 1]) of the pipeline's model for each prompt and seed.</summary>
+    public static Tensor[][] Generate(Txt2ImgPipeline pipeline, IReadOnlyList<string> prompts, int seeds, long firstSeed = 1000, int steps = 25, double cfg = 5, string sampler = "DDIM")
+    {
+        return prompts.Select(p =>
+        {
+            using var result = pipeline.Generate(new Txt2ImgRequest
+            {
+                Prompt = p, Steps = steps, CfgScale = cfg, Sampler = sampler, Seed = firstSeed, BatchSize = seeds,
+                Width = DemoModel.ImageSize, Height = DemoModel.ImageSize,
+            });
+            return Enumerable.Range(0, seeds).Select(i => result.Images![i].detach().clone()).ToArray();
+        }).ToArray();
+    }
+
+    /// <summary>A grid of [row][column] images upscaled to <paramref name="cell"/> px.</summary>
+    public static SKBitmap Grid(Tensor[][] images, IReadOnlyList<string> rowLabels, IReadOnlyList<string> columnLabels, int cell = 128)
+    {
+        var bitmaps = new List<SKBitmap>();
+        try
+        {
+            foreach (var row in images)
+                foreach (var t in row)
+                {
+                    using var small = PngImage.ToBitmap(t);
+                    bitmaps.Add(small.Resize(new SKImageInfo(cell, cell, SKColorType.Rgba8888, SKAlphaType.Opaque), new SKSamplingOptions(SKFilterMode.Nearest))
+                        ?? throw new InvalidOperationException("could not resize an image"));
+                }
+            return ImageGrid.Compose(bitmaps, rowLabels, columnLabels);
+        }
+        finally
+        {
+            foreach (var b in bitmaps) b.Dispose();
+        }
+    }
+
+    /// <summary>
+    /// Draws <paramref name="count"/> scenes of <paramref name="shape"/>, encodes them with the model's VAE (posterior
+    /// mean) and decodes them: the fraction the star detector reads as stars, and the reconstructions.
+    /// </summary>
+    public static (double StarRate, Tensor Reconstructions) VaeRoundTrip(Models.StableDiffusion.StableDiffusionModel model, DemoShape shape, int count, int seed)
+    {
+        using var noGrad = no_grad();
+        using var scope = NewDisposeScope();
+        var vae = model.Vae ?? throw new LoraSharpException("the model has no VAE", key: "vae");
+        var device = vae.parameters().First().device;
+        var (pixels, _) = ShapeScenes.Batch(count, DemoModel.ImageSize, seed, [shape]);
+        using var dist = vae.Encode(ShapeScenes.ToUnit(pixels).to(device));
+        var recon = vae.Decode(dist.Mean).to_type(ScalarType.Float32);
+        double rate = Enumerable.Range(0, count).Average(i => StarDetector.Read(recon[i]).IsStar ? 1.0 : 0.0);
+        return (rate, recon.MoveToOuterDisposeScope());
     }
 }

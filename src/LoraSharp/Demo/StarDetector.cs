@@ -9,21 +9,25 @@ namespace LoraSharp.Demo;
 /// <param name="Solidity">Area of the largest foreground component / area of its convex hull (1 for convex shapes; ≈ 0.52 for the demo's star).</param>
 /// <param name="AreaFraction">The component's share of the image.</param>
 /// <param name="Dominance">The component's share of all foreground pixels.</param>
-public sealed record StarReading(bool IsStar, bool HasShape, double Solidity, double AreaFraction, double Dominance);
+/// <param name="Lobes">The dominant harmonic (2..8) of the outline's radius around the centroid (5 for a five-pointed star).</param>
+/// <param name="LobeStrength">Its amplitude relative to the mean radius.</param>
+public sealed record StarReading(bool IsStar, bool HasShape, double Solidity, double AreaFraction, double Dominance, int Lobes = 0, double LobeStrength = 0);
 
 /// <summary>
 /// A pixel statistic for the demo's held-out concept: is there one star-shaped figure in the image? The background
 /// colour is the median of the border pixels; foreground = pixels farther than <see cref="ColourDistance"/> from it;
-/// the largest 4-connected foreground component must be 3–60 % of the image and hold ≥ 70 % of the foreground; it is a
-/// star when its solidity (area / convex hull area) is below <see cref="SolidityThreshold"/>. Circles, squares and
-/// triangles have solidity ≈ 0.95–1; the five-pointed star ≈ 0.5 when drawn exactly (blurry stars score higher, so
-/// the threshold sits between).
+/// the largest 4-connected foreground component must be 3–60 % of the image and hold ≥ 70 % of the foreground, and
+/// ≥ 75 % of the border must be background (a clean scene, not texture). It is a star when its solidity (area / convex
+/// hull area) is below <see cref="SolidityThreshold"/> and its outline has five lobes: the 5th harmonic of its radius
+/// around the centroid is the strongest of harmonics 2..8, with amplitude ≥ 8 % of the mean radius. Circles, squares
+/// and triangles have solidity ≈ 0.95–1 (and 0, 4, 3 lobes); the five-pointed star ≈ 0.5 when drawn exactly (blurry
+/// stars score higher, so the threshold sits between).
 /// </summary>
 public static class StarDetector
 {
     public const double ColourDistance = 60;
     public const double SolidityThreshold = 0.8;
-    public const double MinArea = 0.03, MaxArea = 0.6, MinDominance = 0.7;
+    public const double MinArea = 0.03, MaxArea = 0.6, MinDominance = 0.7, MinCleanBorder = 0.75, MinLobeStrength = 0.08;
 
     /// <summary>Reads an image tensor [3, H, W] in [−1, 1] (any device, float).</summary>
     public static StarReading Read(Tensor image)
@@ -67,8 +71,57 @@ public static class StarDetector
         double hull = HullArea(component.Select(i => (i % w, i / w)));
         double solidity = hull <= 0 ? 1 : Math.Min(1, area / hull);
         double areaFraction = area / (w * h), dominance = area / fgCount;
-        bool hasShape = areaFraction >= MinArea && areaFraction <= MaxArea && dominance >= MinDominance;
-        return new StarReading(hasShape && solidity < SolidityThreshold, hasShape, solidity, areaFraction, dominance);
+        double borderClean = border.Count(i => !fg[i]) / (double)border.Count;
+        bool hasShape = areaFraction >= MinArea && areaFraction <= MaxArea && dominance >= MinDominance && borderClean >= MinCleanBorder;
+        var (lobes, lobeStrength) = Lobes(component, w);
+        bool star = hasShape && solidity < SolidityThreshold && lobes == 5 && lobeStrength >= MinLobeStrength;
+        return new StarReading(star, hasShape, solidity, areaFraction, dominance, lobes, lobeStrength);
+    }
+
+    /// <summary>
+    /// The outline's dominant symmetry: r(θ) = the farthest component pixel from the centroid in each of 36 angle bins
+    /// (empty bins interpolated); returns the harmonic k ∈ 2..8 of r(θ) with the largest amplitude and that amplitude
+    /// relative to the mean radius (a five-pointed star: k = 5, ≈ 0.3 when sharp; a triangle k = 3; a square k = 4).
+    /// </summary>
+    static (int Lobes, double Strength) Lobes(List<int> component, int w)
+    {
+        const int bins = 36;
+        double cx = component.Average(i => i % w), cy = component.Average(i => i / w);
+        var r = new double[bins];
+        var has = new bool[bins];
+        foreach (var i in component)
+        {
+            double dx = i % w - cx, dy = i / w - cy;
+            double a = Math.Atan2(dy, dx);
+            int b = (int)Math.Floor((a + Math.PI) / (2 * Math.PI) * bins) % bins;
+            double d = Math.Sqrt(dx * dx + dy * dy) + 0.5;
+            if (!has[b] || d > r[b]) { r[b] = d; has[b] = true; }
+        }
+        if (!has.Any(x => x)) return (0, 0);
+        for (int b = 0; b < bins; b++)
+        {
+            if (has[b]) continue;
+            int lo = 1, hi = 1;
+            while (!has[(b - lo + bins) % bins]) lo++;
+            while (!has[(b + hi) % bins]) hi++;
+            r[b] = (r[(b - lo + bins) % bins] * hi + r[(b + hi) % bins] * lo) / (lo + hi);
+        }
+        double mean = r.Average();
+        int best = 0;
+        double bestAmp = 0;
+        for (int k = 2; k <= 8; k++)
+        {
+            double re = 0, im = 0;
+            for (int b = 0; b < bins; b++)
+            {
+                double t = 2 * Math.PI * k * b / bins;
+                re += r[b] * Math.Cos(t);
+                im -= r[b] * Math.Sin(t);
+            }
+            double amp = 2 * Math.Sqrt(re * re + im * im) / bins / mean;
+            if (amp > bestAmp) { bestAmp = amp; best = k; }
+        }
+        return (best, bestAmp);
     }
 
     static List<int> LargestComponent(bool[] mask, int w, int h)

@@ -38,6 +38,15 @@ public class DemoTests
         var rng = new Random(1);
         var noise = Enumerable.Range(0, 32 * 32 * 3).Select(_ => (float)rng.Next(256)).ToArray();
         Assert.False(StarDetector.Read(noise, 32, 32).IsStar);
+        // Smooth colour noise (what an untrained decoder paints): random 4×4 colours, bilinear to 32×32.
+        int stars = 0;
+        for (int n = 0; n < 100; n++)
+        {
+            var small = randn(1, 3, 4, 4, generator: new TorchSharp.torch.Generator((ulong)n + 1));
+            var big = TorchSharp.torch.nn.functional.interpolate(small, [32, 32], mode: InterpolationMode.Bilinear, align_corners: false).clamp(-1, 1);
+            if (StarDetector.Read(big[0]).IsStar) stars++;
+        }
+        Assert.True(stars <= 3, $"{stars} of 100 smooth noise images read as stars");
     }
 
     [Fact]
