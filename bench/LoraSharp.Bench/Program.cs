@@ -4,8 +4,10 @@ var benchmarks = new Dictionary<string, (string Description, Func<string[], int>
 {
     ["io"] = ("tensor file loading vs a plain sequential read (safetensors and torch .ckpt, ~1 GB each)", LoraSharp.Bench.IoBenchmark.Run),
     ["llama"] = ("LLaMA prefill and decode tokens/s, ~110M-parameter random model, float32 and bfloat16", LoraSharp.Bench.LlamaBenchmark.Run),
-    ["adapters"] = ("LoRA r=16 overhead: train step unmerged vs base, merged inference vs base, merge+unmerge of 100 layers", LoraSharp.Bench.AdaptersBenchmark.Run),
     ["unet"] = ("SD1.5 UNet forward at 64x64 latents, random weights, f32 and bf16", LoraSharp.Bench.UNetBenchmark.Run),
+    ["adapters"] = ("LoRA r=16 overhead: train step unmerged vs base, merged inference vs base, merge+unmerge of 100 layers", LoraSharp.Bench.AdaptersBenchmark.Run),
+    ["txt2img"] = ("s/step at 512x512, SD1.5 config random weights, f32/bf16, 0/1/3 rank-16 LoRAs unmerged vs merged", LoraSharp.Bench.Txt2ImgBenchmark.Run),
+    ["tools"] = ("merge / extract / resize on a random SD1.5-sized fp16 file with a rank-128 LoRA: time, peak RSS, vs full SVD", LoraSharp.Bench.ToolsBenchmark.Run),
 };
 
 if (args.Length == 0 || !benchmarks.TryGetValue(args[0], out var bench))

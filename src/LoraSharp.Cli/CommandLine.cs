@@ -10,7 +10,13 @@ public static class CommandLine
         var root = new RootCommand("LoraSharp: train, load, combine, convert and generate with LoRA adapters.");
         root.Subcommands.Add(Commands.InspectCommand.Create());
         root.Subcommands.Add(Commands.ConvertCommand.Create());
+        root.Subcommands.Add(Commands.MergeCommand.Create());
+        root.Subcommands.Add(Commands.MergeLorasCommand.Create());
+        root.Subcommands.Add(Commands.ExtractCommand.Create());
+        root.Subcommands.Add(Commands.ResizeCommand.Create());
         root.Subcommands.Add(Commands.PngInfoCommand.Create());
+        root.Subcommands.Add(Commands.GenerateCommand.Create());
+        root.Subcommands.Add(Commands.GridCommand.Create());
         root.Subcommands.Add(Commands.DemoCommand.Create());
         root.Subcommands.Add(Commands.QuickstartCommand.Create());
         return root;

@@ -229,7 +229,7 @@ public abstract class Adapter : nn.Module
         return new ModuleAdapterWeights
         {
             ModulePath = ModulePath, Algorithm = Algorithm, Tensors = tensors, Alpha = Alpha, RsLora = RsLora, Convention = Convention,
-            Rank = Algorithm == AdapterAlgorithm.LoKr ? Rank : null,
+            Rank = Algorithm == AdapterAlgorithm.LoKr && Rank > 0 ? (int)Rank : null,
         };
     }
 
@@ -300,8 +300,11 @@ static class LoraBranch
         else
         {
             long o = g.OutFeatures, rank = h.shape[^1];
-            // scale the small [N, r] activation (exact in any dtype) rather than pass a float32 alpha to addmm
-            r = addmm(acc.reshape(-1, o), h.reshape(-1, rank).mul(scale), up.reshape(o, rank).t(), 1, 1).reshape(acc.shape);
+            // addmm's alpha is a float32: exact enough below fp64; fp64 scales the small [N, r] activation instead
+            var h2 = h.reshape(-1, rank);
+            float alpha = (float)scale;
+            if (acc.dtype == ScalarType.Float64) { h2 = h2.mul(scale); alpha = 1; }
+            r = addmm(acc.reshape(-1, o), h2, up.reshape(o, rank).t(), 1, alpha).reshape(acc.shape);
         }
         return r.MoveToOuterDisposeScope();
     }

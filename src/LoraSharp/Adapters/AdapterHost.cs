@@ -92,9 +92,12 @@ public sealed class AttachedAdapter
     /// <summary>Per-module weight (e.g. LoRA Block Weight), multiplied in; called with the host module path.</summary>
     public Func<string, double>? ModuleWeight { get => _moduleWeight; set { _moduleWeight = value; _host.MarkDirty(this); } }
 
-    /// <summary>Set text-encoder and UNet multipliers by prefix (A1111 te/unet split).</summary>
-    public void SetComponentMultipliers(double textEncoder, double unet, string textEncoderPrefix = "text_encoder.", string unetPrefix = "unet.") =>
-        ComponentMultipliers = new Dictionary<string, double> { [textEncoderPrefix] = textEncoder, [unetPrefix] = unet };
+    /// <summary>
+    /// A1111 &lt;lora:name:te:unet&gt;: the text-encoder multiplier for paths under "text_encoder." and "text_encoder_2."
+    /// (SDXL), the UNet multiplier for "unet." (the component prefixes of LoraSharp's SD models and Formats).
+    /// </summary>
+    public void SetComponentMultipliers(double textEncoder, double unet) =>
+        ComponentMultipliers = new Dictionary<string, double> { ["text_encoder."] = textEncoder, ["text_encoder_2."] = textEncoder, ["unet."] = unet };
 
     /// <summary>The multiplier this adapter has on one module: enabled × m × component × module weight.</summary>
     public double MultiplierFor(string path)
@@ -189,6 +192,21 @@ public sealed class AdapterHost : IDisposable
     public AdapterMode Mode => _mode;
 
     /// <summary>
+    /// Keep each adapter's ΔW (fp32) between merges, so a multiplier change costs one add per adapter (default).
+    /// Off: ΔW is recomputed at every re-merge — for models where an fp32 copy of every adapted weight does not fit.
+    /// </summary>
+    public bool CacheDeltas
+    {
+        get => _cacheDeltas;
+        set
+        {
+            _cacheDeltas = value;
+            if (!value) InvalidateCache();
+        }
+    }
+    bool _cacheDeltas = true;
+
+    /// <summary>
     /// Attach file weights (the Formats contract). Every module path must exist in the tree (with
     /// <see cref="AttachOptions.PathPrefix"/>); an unknown path throws listing the closest paths, or is reported
     /// when <see cref="AttachOptions.Lenient"/>. The weights are copied; the caller may dispose them afterwards.
@@ -245,12 +263,13 @@ public sealed class AdapterHost : IDisposable
         CheckNewName(name);
         var paths = _adaptable.Where(selector.Matches).ToList();
         if (paths.Count == 0)
-            throw new ArgumentException($"Adapter '{name}': the selector {selector} matches no Linear/Conv2d module. Some module paths: {string.Join(", ", _adaptable.Take(8))}.");
+            throw new LoraSharpException($"Adapter '{name}': the selector {selector} matches no Linear/Conv2d module. Some module paths: {string.Join(", ", _adaptable.Take(8))}.");
         var built = new List<(Slot, Adapter)>();
         foreach (var p in paths)
         {
             var slot = SlotFor(p, _allModules[p]);
-            built.Add((slot, AdapterFactory.Create(p, slot.Geometry, config, slot.Weight.device, slot.Weight)));
+            // DoRA starts from the original weight, also when other adapters are merged into it right now
+            built.Add((slot, AdapterFactory.Create(p, slot.Geometry, config, slot.Weight.device, slot.BackupWeight ?? slot.Weight)));
         }
         return Register(name, built, multiplier, trainable: true, [], new Dictionary<string, string>());
     }
@@ -439,9 +458,9 @@ public sealed class AdapterHost : IDisposable
             {
                 var saved = a.ComputeDType;
                 a.ComputeDType = mergeType;
-                try { delta = a.DeltaWeight().detach().DetachFromDisposeScope(); } // the cache outlives this scope
+                try { delta = a.DeltaWeight().detach(); }
                 finally { a.ComputeDType = saved; }
-                s.DeltaCache[a] = delta;
+                if (CacheDeltas) s.DeltaCache[a] = delta.DetachFromDisposeScope(); // the cache outlives this scope
             }
             if (a.Dora == DoraKind.None)
                 sumW = sumW is null ? w0.add(delta, m) : sumW.add_(delta, m); // W₀ + Σ m·ΔW, one pass per adapter

@@ -43,7 +43,7 @@ public static class DyLoraMath
         {
             ModulePath = weights.ModulePath, Algorithm = weights.Algorithm, Tensors = tensors,
             Alpha = weights.Alpha ?? weights["lora_down"].shape[0], RsLora = weights.RsLora, Convention = weights.Convention,
-            FanInFanOut = weights.FanInFanOut, Rank = weights.Rank is null ? null : rank,
+            FanInFanOut = weights.FanInFanOut, Rank = weights.Rank is null ? null : (int)rank,
         };
     }
 }

@@ -45,16 +45,16 @@ public sealed class ModuleAdapterWeights : IDisposable
     /// <summary>The alpha to use; null means "alpha = rank" (scale 1), what kohya and A1111 do for files without alpha.</summary>
     public double? Alpha { get; init; }
 
+    /// <summary>
+    /// The r of alpha/r when the factors do not show it — PEFT LoKr with both factors full uses the config's r.
+    /// Null: r comes from the tensors (lora_down rows, hada_w1_b rows, the decomposed LoKr factor's rank).
+    /// </summary>
+    public int? Rank { get; init; }
+
     /// <summary>rsLoRA: scale alpha/√r instead of alpha/r.</summary>
     public bool RsLora { get; init; }
 
     public ScaleConvention Convention { get; init; } = ScaleConvention.LyCORIS;
-
-    /// <summary>
-    /// The configured rank, when the tensors do not show it (PEFT LoKr with two full factors still scales by
-    /// alpha/r). Null = take the rank from the tensor shapes.
-    /// </summary>
-    public long? Rank { get; init; }
 
     /// <summary>PEFT fan_in_fan_out (GPT-2 Conv1D style base weights stored [in, out]).</summary>
     public bool FanInFanOut { get; init; }

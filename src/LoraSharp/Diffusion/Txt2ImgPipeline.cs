@@ -62,7 +62,7 @@ public sealed class Txt2ImgPipeline : IDisposable
     /// <summary>A1111's "Model hash" (first 10 hex of the checkpoint file's SHA-256), or null.</summary>
     public string? ModelHash { get; init; }
     /// <summary>Presets for <c>lbw=NAME</c> (default: the extension's built-in ones).</summary>
-    public IReadOnlyDictionary<string, string> BlockWeightPresets { get; init; } = LoraBlockWeight.DefaultPresets;
+    public IReadOnlyDictionary<string, string> BlockWeightPresets { get; set; } = LoraBlockWeight.DefaultPresets;
 
     public Txt2ImgPipeline(StableDiffusionModel model, ClipTokenizer tokenizer, ClipTokenizer? tokenizer2 = null, LoraLibrary? loras = null,
         ScheduleConfig? schedule = null) : this(model, tokenizer, tokenizer2, loras, schedule, ownsModel: false)
@@ -184,6 +184,9 @@ public sealed class Txt2ImgPipeline : IDisposable
     public PromptEmbedding EncodePrompt(string prompt, int clipSkip = 1, bool isNegative = false, EmphasisMode emphasis = EmphasisMode.Original)
     {
         var parsed = PromptParser.Parse(prompt, parseEmphasis: emphasis != EmphasisMode.None);
+        // Without weights other than 1 emphasis is the identity (z·1, mean ratio 1), except that "Original" would divide
+        // 0 by 0 for a chunk whose mean is exactly 0 (possible with a final LayerNorm of zero bias): skip it then.
+        if (parsed.Fragments.All(f => f.IsBreak || f.Weight == 1.0)) emphasis = EmphasisMode.None;
         var (device, dtype) = ModelPlacement();
         using var scope = NewDisposeScope();
         using var noGrad = no_grad();
@@ -244,9 +247,9 @@ public sealed class Txt2ImgPipeline : IDisposable
                 + string.Join(", ", negativeParsed.Loras.Select(l => l.Name)), key: "negative_prompt");
         long seed = request.Seed >= 0 ? request.Seed : Random.Shared.NextInt64(0, uint.MaxValue);
         var seeds = Enumerable.Range(0, request.BatchSize).Select(i => seed + i).ToArray();
-        var applied = ApplyLoras(parsed.Loras, request, seed);
         try
         {
+            var applied = ApplyLoras(parsed.Loras, request, seed);
             return Run(request, seeds, applied, progress, cancellationToken);
         }
         finally

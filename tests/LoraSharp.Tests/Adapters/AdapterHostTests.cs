@@ -144,6 +144,8 @@ public class AdapterHostTests
             b.Multiplier = 0.5;
             Assert.True(MaxAbs(q.call(x), q0.add(qa.sub(q0).mul(0.25)).add(qb.sub(q0))) < 1e-5);
             Assert.True(MaxAbs(conv.call(xi), c0.add(ca.sub(c0).mul(2)).add(cb.sub(c0))) < 1e-4);
+            Assert.Equal(0.25, a.MultiplierFor("text_encoder_2.x"));
+            Assert.Equal(1.0, a.MultiplierFor("vae.x"));
             // per-module weight (LoRA Block Weight style)
             a.ComponentMultipliers = null;
             a.ModuleWeight = p => p == "unet.conv" ? 0 : 1;
@@ -175,6 +177,14 @@ public class AdapterHostTests
         host.InvalidateCache("a");
         host.ApplyPending();
         Assert.False(Same(q.weight!, merged1));
+        var merged2 = q.weight!.detach().clone();
+        // without the cache, every re-merge sees the current parameters
+        host.CacheDeltas = false;
+        using (no_grad()) ((LoraAdapter)a.Modules.First(m => m.ModulePath == "text_encoder.q")).Up.mul_(0.5);
+        a.Multiplier = 1;
+        host.ApplyPending();
+        Assert.True(MaxAbs(q.weight!, merged1) < 1e-6);
+        Assert.False(Same(q.weight!, merged2));
     }
 
     [Fact]
@@ -300,5 +310,27 @@ public class AdapterHostTests
         // hooks are gone afterwards
         using var host = new AdapterHost(root);
         Assert.Empty(AdapterHost.ModulesNotCalled(root, () => { TeForward(root, x); UnetForward(root, randn(1, 4, 5, 5)); }));
+    }
+
+    [Fact]
+    public void Path_prefix_maps_component_weights_onto_a_larger_tree()
+    {
+        using var scope = NewDisposeScope();
+        var root = Tree();
+        using var host = new AdapterHost(root);
+        manual_seed(3);
+        using var w = new AdapterWeights
+        {
+            Name = "te_only",
+            Modules = [new() { ModulePath = "q", Algorithm = AdapterAlgorithm.LoRA, Alpha = 2,
+                Tensors = new Dictionary<string, Tensor> { ["lora_down"] = randn(2, 8), ["lora_up"] = randn(8, 2) } }],
+        };
+        var a = host.Attach(w, options: new AttachOptions { PathPrefix = "text_encoder." });
+        Assert.Equal(["text_encoder.q"], a.Report.Attached);
+        using var back = a.Export(stripPrefix: "text_encoder.");
+        Assert.Equal("q", back.Modules.Single().ModulePath);
+        Assert.Equal(2, back.Modules.Single().Alpha);
+        var e = Assert.Throws<ArgumentException>(() => host.Attach(w, "te_only"));
+        Assert.Contains("already attached", e.Message);
     }
 }

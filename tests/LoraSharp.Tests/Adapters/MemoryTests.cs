@@ -6,11 +6,8 @@ using static TorchSharp.torch;
 
 namespace LoraSharp.Tests.Adapters;
 
-[CollectionDefinition(nameof(MemoryTests), DisableParallelization = true)]
-public sealed class MemoryTestsCollection;
-
 /// <summary>RSS checks run alone: other tests' allocations would show up in the process working set.</summary>
-[Collection(nameof(MemoryTests))]
+[Collection(SerialAdapterTests.Name)]
 public class MemoryTests(ITestOutputHelper output)
 {
     static long Rss()

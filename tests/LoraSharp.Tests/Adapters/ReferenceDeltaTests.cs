@@ -1,5 +1,6 @@
 using System.Text.Json.Nodes;
 using LoraSharp.Adapters;
+using LoraSharp.Formats;
 using LoraSharp.IO;
 using LoraSharp.Tests.Infrastructure;
 using TorchSharp;
@@ -212,5 +213,44 @@ public class ReferenceDeltaTests
         using var refs = SafetensorsFile.Open(ReferenceData.PathOf("llm", w["vectors"]!.GetValue<string>()));
         int n = CheckDeltas(host, root, refs, "delta.cat.", p => p, LlmManifest["tolerances"]!["delta_atol"]!.GetValue<double>(), 0);
         Assert.Equal(7, n);
+    }
+
+    // ---- the same references through the Formats readers (the contract between the two areas) ----
+
+    [Theory]
+    [MemberData(nameof(LlmCases))]
+    public void Formats_reader_and_adapter_host_reproduce_llm_reference_deltas(string name)
+    {
+        using var scope = NewDisposeScope();
+        var entry = LlmManifest["adapters"]!.AsArray().First(a => a!["name"]!.GetValue<string>() == name)!;
+        var root = LlmTree();
+        using var host = new AdapterHost(root);
+        using var read = AdapterFile.Read(ReferenceData.PathOf("llm", entry["dir"]!.GetValue<string>()), ModuleIndex.FromModule(root));
+        var attached = host.Attach(read.Weights);
+        Assert.Equal(read.Weights.Modules.Count, attached.Report.Attached.Count);
+        using var refs = SafetensorsFile.Open(ReferenceData.PathOf("llm", entry["vectors"]!.GetValue<string>()));
+        CheckDeltas(host, root, refs, entry["keys"]!["delta_prefix"]!.GetValue<string>(), p => p,
+            LlmManifest["tolerances"]!["delta_atol"]!.GetValue<double>(), 0);
+    }
+
+    [Theory]
+    [MemberData(nameof(SdCases))]
+    public void Formats_reader_and_adapter_host_reproduce_sd_reference_deltas(string name)
+    {
+        using var scope = NewDisposeScope();
+        var m = SdManifest;
+        var entry = m["loras"]!.AsArray().First(a => a!["name"]!.GetValue<string>() == name)!;
+        var tol = m["tolerances"]![entry["tolerance_delta"]!.GetValue<string>()]!;
+        var unet = ReferenceTranslator.TreeFromWeights(ReferenceData.PathOf("sd", "model", "diffusers", "unet", "diffusion_pytorch_model.safetensors"));
+        var te = ReferenceTranslator.TreeFromWeights(ReferenceData.PathOf("sd", "model", "diffusers", "text_encoder", "model.safetensors"),
+            p => !p.Contains("embeddings."));
+        var root = Build([("unet", unet), ("text_encoder", te)]);
+        using var host = new AdapterHost(root);
+        using var read = AdapterFile.Read(ReferenceData.PathOf("sd", entry["file"]!.GetValue<string>()), ModuleIndex.FromModule(root));
+        var attached = host.Attach(read.Weights);
+        Assert.Equal(entry["n_base_weights_changed"]!.GetValue<int>(), attached.Report.Attached.Count);
+        using var refs = SafetensorsFile.Open(ReferenceData.PathOf("sd", entry["ref_file"]!.GetValue<string>()));
+        CheckDeltas(host, root, refs, entry["delta"]!["prefix"]!.GetValue<string>(),
+            p => p.StartsWith("te.") ? "text_encoder." + p[3..] : p, tol["atol"]!.GetValue<double>(), tol["rtol"]!.GetValue<double>());
     }
 }

@@ -33,7 +33,7 @@ static class ReferenceTranslator
     {
         var cfg = JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "adapter_config.json")))!;
         string type = cfg["peft_type"]!.GetValue<string>();
-        long r = cfg["r"]!.GetValue<long>();
+        int r = cfg["r"]!.GetValue<int>();
         double alpha = (cfg["lora_alpha"] ?? cfg["alpha"])!.GetValue<double>();
         bool rs = cfg["use_rslora"]?.GetValue<bool>() ?? false;
         using var f = SafetensorsFile.Open(Path.Combine(dir, "adapter_model.safetensors"));
@@ -101,7 +101,7 @@ static class ReferenceTranslator
         using var f = SafetensorsFile.Open(file);
         var meta = JsonNode.Parse(f.Metadata["lora_adapter_metadata"])!;
         double alpha = meta["unet.lora_alpha"]!.GetValue<double>();
-        long r = meta["unet.r"]!.GetValue<long>();
+        int r = meta["unet.r"]!.GetValue<int>();
         var byModule = new Dictionary<string, Dictionary<string, Tensor>>();
         foreach (var key in f.Keys)
         {

@@ -6,6 +6,8 @@ using static LoraSharp.Tests.Adapters.TestTrees;
 
 namespace LoraSharp.Tests.Adapters;
 
+/// <summary>Tests that replay torch's global random generator run alone (a parallel test would consume numbers).</summary>
+[Collection(SerialAdapterTests.Name)]
 public class TrainingBehaviourTests
 {
     static (Node Root, Linear Layer) OneLinear(long inF = 10, long outF = 6)

@@ -129,10 +129,14 @@ public class Txt2ImgPipelineTests(Xunit.Abstractions.ITestOutputHelper output)
     {
         using var pipe = Txt2ImgFixture.Pipeline(SharedModel.Value);
         var longNegative = string.Join(", ", Enumerable.Repeat("blurry ugly", 40));
+        // The tiny encoder's final LayerNorm (weight 1, bias 0) makes the second chunk's mean exactly 0: "Original" emphasis
+        // would divide 0 by 0 (A1111 too); the pipeline skips emphasis for prompts without weights.
         var request = Txt2ImgFixture.Reference("euler", steps: 3) with { NegativePrompt = longNegative };
         using var separate = pipe.Generate(request);
         using var padded = pipe.Generate(request with { PadCondUncond = true });
         using var scope = NewDisposeScope();
+        using (var neg = pipe.EncodePrompt(longNegative, isNegative: true, emphasis: request.Emphasis)) Assert.Equal(2, neg.Chunks);
+        output.WriteLine($"separate vs padded: {Txt2ImgFixture.MaxDiff(separate.Images!, padded.Images!):g3}");
         Assert.True(separate.Images!.isfinite().all().item<bool>());
         Assert.True(Txt2ImgFixture.MaxDiff(separate.Images!, padded.Images!) > 0, "padding the shorter conditioning changes the cross-attention");
     }
@@ -146,6 +150,35 @@ public class Txt2ImgPipelineTests(Xunit.Abstractions.ITestOutputHelper output)
         var e = Assert.Throws<LoraSharpException>(() => pipe.Generate(Txt2ImgFixture.Reference() with { Prompt = "cat <lora:style:1>" }));
         Assert.Contains("no LoRA folder", e.Message);
         Assert.Throws<LoraSharpException>(() => pipe.Generate(Txt2ImgFixture.Reference() with { Prompt = "cat <lora:style:abc>" }));
+    }
+
+    [Fact]
+    public void Schedule_takes_betas_and_prediction_from_the_model_but_not_the_saved_spacing()
+    {
+        using var tmp = new TempDir();
+        Directory.CreateDirectory(tmp.File("scheduler"));
+        File.WriteAllText(tmp.File("scheduler/scheduler_config.json"),
+            """{"_class_name": "PNDMScheduler", "beta_start": 0.001, "beta_end": 0.02, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "steps_offset": 1, "prediction_type": "v_prediction", "timestep_spacing": "leading"}""");
+        var s = Txt2ImgPipeline.ScheduleOf(tmp.Path, null);
+        Assert.Equal(PredictionType.VPrediction, s.Prediction);
+        Assert.Equal(0.001, s.BetaStart);
+        Assert.Null(s.Spacing);
+        File.WriteAllText(tmp.File("m.safetensors"), "");
+        Assert.Equal(PredictionType.Epsilon, Txt2ImgPipeline.ScheduleOf(null, tmp.File("m.safetensors")).Prediction);
+        File.WriteAllText(tmp.File("m.yaml"), "model:\n  params:\n    parameterization: \"v\"\n");
+        Assert.Equal(PredictionType.VPrediction, Txt2ImgPipeline.ScheduleOf(null, tmp.File("m.safetensors")).Prediction);
+    }
+
+    [Fact]
+    public void V_prediction_changes_the_sampling_of_the_same_model()
+    {
+        using var pipe = Txt2ImgFixture.Pipeline(SharedModel.Value);
+        var request = Txt2ImgFixture.Reference("ddim", steps: 4);
+        using var eps = pipe.Generate(request);
+        using var v = pipe.Generate(request with { Prediction = PredictionType.VPrediction });
+        using var scope = NewDisposeScope();
+        Assert.True(v.Latents.isfinite().all().item<bool>());
+        Assert.True(Txt2ImgFixture.MaxDiff(eps.Latents, v.Latents) > 1e-3);
     }
 
     sealed class SyncProgress<T>(Action<T> action) : IProgress<T>
@@ -207,7 +240,7 @@ public class Txt2ImgLoraTests(Xunit.Abstractions.ITestOutputHelper output)
         output.WriteLine($"merged vs unmerged: {d:g3}");
         Assert.True(d <= 1e-4, $"merged vs unmerged: {d:g3}");
         foreach (var (name, p) in model.named_parameters())
-            Assert.True(p.equal(before[name]).item<bool>(), $"{name} not restored after the merged run");
+            Assert.True(p.equal(before[name]).all().item<bool>(), $"{name} not restored after the merged run");
     }
 
     [Fact]
@@ -225,6 +258,20 @@ public class Txt2ImgLoraTests(Xunit.Abstractions.ITestOutputHelper output)
         using var plain = Txt2ImgFixture.FreshModel();
         using var plainPipe = Txt2ImgFixture.Pipeline(plain);
         Assert.Equal(0.0, Txt2ImgFixture.MaxDiff(Image(plainPipe, "a photo of a cat"), baseImage));
+    }
+
+    [Fact]
+    public void A_broken_lora_file_fails_the_run_and_leaves_the_model_as_it_was()
+    {
+        using var loras = Txt2ImgFixture.LoraFolder();
+        File.WriteAllBytes(Path.Combine(loras.Path, "broken.safetensors"), [1, 2, 3]);
+        using var model = Txt2ImgFixture.FreshModel();
+        using var pipe = Txt2ImgFixture.Pipeline(model, loras.Path);
+        using var scope = NewDisposeScope();
+        var baseImage = Image(pipe, "a photo of a cat");
+        var e = Assert.Throws<LoraSharpException>(() => pipe.Generate(Request("a photo of a cat <lora:style:1> <lora:broken:1>", merged: true)));
+        Assert.Contains("broken.safetensors", e.Message + e.FilePath);
+        Assert.Equal(0.0, Txt2ImgFixture.MaxDiff(baseImage, Image(pipe, "a photo of a cat")));
     }
 
     [Theory]

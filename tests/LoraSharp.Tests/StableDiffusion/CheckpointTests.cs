@@ -12,14 +12,76 @@ public class CheckpointTests
 
     public static TheoryData<string> SetNames() => new(SdReference.Sets);
 
+    public static TheoryData<string, StableDiffusionFamily> SetFamilies()
+    {
+        var data = new TheoryData<string, StableDiffusionFamily>();
+        foreach (var set in SdReference.Sets)
+            data.Add(set, SdReference.Manifest(set).GetProperty("family").GetString() switch
+            {
+                "sd15" or "sd1" => StableDiffusionFamily.SD1,
+                "sd2" => StableDiffusionFamily.SD2,
+                "sdxl" => StableDiffusionFamily.SDXLBase,
+                var f => throw new InvalidOperationException($"unknown manifest family {f}"),
+            });
+        return data;
+    }
+
     [Theory]
-    [InlineData("sd", StableDiffusionFamily.SD1)]
-    [InlineData("sdxl", StableDiffusionFamily.SDXLBase)]
+    [MemberData(nameof(SetFamilies))]
     public void Family_is_detected_from_the_single_file_and_the_diffusers_folder(string set, StableDiffusionFamily family)
     {
         using var source = StableDiffusionCheckpoint.Open(SdReference.SingleFile(set));
         Assert.Equal(family, StableDiffusionCheckpoint.DetectFamily(source));
         Assert.Equal(family, StableDiffusionConfig.FromDiffusersFolder(SdReference.DiffusersDir(set)).Family);
+    }
+
+    [Fact]
+    public void A_file_that_is_not_a_checkpoint_is_unknown_and_refused_by_name()
+    {
+        var path = SdReference.PathOf("sd", "lora/kohya_lora.safetensors");
+        using var source = StableDiffusionCheckpoint.Open(path);
+        Assert.Equal(StableDiffusionFamily.Unknown, StableDiffusionCheckpoint.DetectFamily(source));
+        var e = Assert.Throws<LoraSharpException>(() => StableDiffusionCheckpoint.DeriveConfig(source));
+        Assert.Equal(Path.GetFullPath(path), e.FilePath);
+        Assert.Contains("not a Stable Diffusion single-file checkpoint", e.Message);
+        Assert.Contains("Family: unknown", StableDiffusionCheckpoint.Describe(source));
+        Assert.Throws<LoraSharpException>(() => StableDiffusionModel.Load(path));
+    }
+
+    /// <summary>Removing any one tensor from a checkpoint: deriving its config still works or fails with a
+    /// LoraSharpException naming the file, never with an unrelated exception.</summary>
+    [Theory]
+    [MemberData(nameof(SetNames))]
+    public void Deriving_a_config_from_a_file_missing_any_one_tensor_fails_cleanly_or_succeeds(string set)
+    {
+        using var source = StableDiffusionCheckpoint.Open(SdReference.SingleFile(set));
+        int failures = 0;
+        foreach (var removed in source.Keys)
+        {
+            using var view = new WithoutKey(source, removed);
+            try
+            {
+                var config = StableDiffusionCheckpoint.DeriveConfig(view);
+                Assert.NotEmpty(config.Unet.BlockOutChannels);
+            }
+            catch (LoraSharpException e)
+            {
+                Assert.Equal(source.FilePath, e.FilePath);
+                failures++;
+            }
+        }
+        Assert.InRange(failures, 1, source.Keys.Count - 1);
+    }
+
+    sealed class WithoutKey(ITensorSource inner, string removed) : ITensorSource
+    {
+        public string FilePath => inner.FilePath;
+        public IReadOnlyList<string> Keys { get; } = inner.Keys.Where(k => k != removed).ToArray();
+        public IReadOnlyDictionary<string, string> Metadata => inner.Metadata;
+        public TensorInfo Info(string key) => key == removed ? throw new LoraSharpException("no such tensor", FilePath, key) : inner.Info(key);
+        public bool Contains(string key) => key != removed && inner.Contains(key);
+        public Tensor Load(string key, ScalarType? dtype = null, Device? device = null) => inner.Load(key, dtype, device);
+        public void Dispose() { }
     }
 
     [Fact]
@@ -88,24 +150,51 @@ public class CheckpointTests
         }
     }
 
+    static UNetConfig RealSd15Unet => new()
+    {
+        BlockOutChannels = [320, 640, 1280, 1280],
+        DownBlockTypes = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        UpBlockTypes = ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        LayersPerBlock = [2, 2, 2, 2], TransformerLayersPerBlock = [1, 1, 1, 1], AttentionHeads = [8, 8, 8, 8], CrossAttentionDim = 768,
+    };
+
+    static UNetConfig RealSdxlUnet => new()
+    {
+        BlockOutChannels = [320, 640, 1280],
+        DownBlockTypes = ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        UpBlockTypes = ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        LayersPerBlock = [2, 2, 2], TransformerLayersPerBlock = [1, 2, 10], AttentionHeads = [5, 10, 20], CrossAttentionDim = 2048,
+        UseLinearProjection = true, AdditionEmbedType = "text_time", AdditionTimeEmbedDim = 256, ProjectionClassEmbeddingsInputDim = 2816,
+    };
+
+    /// <summary>Known correspondences of the real SD1.5 and SDXL layouts (diffusers' single-file conversion tables).</summary>
     [Fact]
     public void Module_paths_map_between_sgm_and_diffusers_names()
     {
-        var sdxl = LdmKeyMap.ForUNet(StableDiffusionConfig.FromDiffusersFolder(SdReference.DiffusersDir("sdxl")).Unet);
+        var sdxl = LdmKeyMap.ForUNet(RealSdxlUnet);
         Assert.Equal("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", sdxl.ToDiffusers("input_blocks.4.1.transformer_blocks.0.attn1.to_q"));
+        Assert.Equal("down_blocks.2.attentions.1.transformer_blocks.9.ff.net.2", sdxl.ToDiffusers("input_blocks.8.1.transformer_blocks.9.ff.net.2"));
         Assert.Equal("input_blocks.6.0.op", sdxl.ToLdm("down_blocks.1.downsamplers.0.conv"));
         Assert.Equal("output_blocks.2.2.conv", sdxl.ToLdm("up_blocks.0.upsamplers.0.conv"));
         Assert.Equal("output_blocks.5.2.conv", sdxl.ToLdm("up_blocks.1.upsamplers.0.conv"));
+        Assert.Equal("up_blocks.2.resnets.2.conv_shortcut", sdxl.ToDiffusers("output_blocks.8.0.skip_connection"));
         Assert.Equal("label_emb.0.0", sdxl.ToLdm("add_embedding.linear_1"));
         Assert.Equal("middle_block.2.skip_connection", sdxl.ToLdm("mid_block.resnets.1.conv_shortcut"));
-        var sd = LdmKeyMap.ForUNet(StableDiffusionConfig.FromDiffusersFolder(SdReference.DiffusersDir("sd")).Unet);
+        var sd = LdmKeyMap.ForUNet(RealSd15Unet);
         Assert.Equal("up_blocks.1.resnets.2.conv1.weight", sd.ToDiffusers("output_blocks.5.0.in_layers.2.weight"));
         Assert.Equal("output_blocks.5.2.conv", sd.ToLdm("up_blocks.1.upsamplers.0.conv"));
         Assert.Equal("output_blocks.2.1.conv", sd.ToLdm("up_blocks.0.upsamplers.0.conv"));
+        Assert.Equal("output_blocks.8.2.conv", sd.ToLdm("up_blocks.2.upsamplers.0.conv"));
+        Assert.Equal("up_blocks.3.attentions.2.proj_out", sd.ToDiffusers("output_blocks.11.1.proj_out"));
         Assert.Equal("input_blocks.7.0.emb_layers.1", sd.ToLdm("down_blocks.2.resnets.0.time_emb_proj"));
-        var vae = LdmKeyMap.ForVae(StableDiffusionConfig.FromDiffusersFolder(SdReference.DiffusersDir("sd")).Vae!);
+        Assert.Equal("input_blocks.9.0.op", sd.ToLdm("down_blocks.2.downsamplers.0.conv"));
+        Assert.Equal("down_blocks.3.resnets.1.conv2", sd.ToDiffusers("input_blocks.11.0.out_layers.3"));
+        var vae = LdmKeyMap.ForVae(new VaeConfig());
         Assert.Equal("decoder.up.3.block.0.nin_shortcut.weight", vae.ToLdm("decoder.up_blocks.0.resnets.0.conv_shortcut.weight"));
+        Assert.Equal("decoder.up_blocks.2.upsamplers.0.conv", vae.ToDiffusers("decoder.up.1.upsample.conv"));
+        Assert.Null(vae.ToDiffusers("decoder.up.0.upsample.conv")); // the last decoder level has no upsampler
         Assert.Equal("encoder.mid_block.attentions.0.to_out.0", vae.ToDiffusers("encoder.mid.attn_1.proj_out"));
+        Assert.Equal("encoder.down_blocks.3.resnets.1.norm2", vae.ToDiffusers("encoder.down.3.block.1.norm2"));
         Assert.Null(sd.ToLdm("not_a_module.weight"));
     }
 
@@ -151,6 +240,30 @@ public class CheckpointTests
             Assert.True(a.shape.SequenceEqual(b.shape), key);
             Assert.True(Same(a, b), $"{key} differs");
         }
+    }
+
+    /// <summary>single file → diffusers folder → same weights, same configs (what the reference folder says).</summary>
+    [Theory]
+    [MemberData(nameof(SetNames))]
+    public void Single_file_saved_as_a_diffusers_folder_reloads_with_the_reference_configs_and_weights(string set)
+    {
+        using var tmp = new TempDir();
+        var model = SdReference.Model(set, "single_file");
+        model.SaveDiffusers(tmp.Path);
+        using var reloaded = StableDiffusionModel.FromDiffusers(tmp.Path);
+        Assert.All(reloaded.LoadReports, r => Assert.True(r.IsComplete && r.Unexpected.Count == 0, r.ToString()));
+        var reference = StableDiffusionConfig.FromDiffusersFolder(SdReference.DiffusersDir(set));
+        Assert.Equal(reference.Family, reloaded.Family);
+        Assert.Equal(reference.Unet.ToJson(), reloaded.Config.Unet.ToJson());
+        Assert.Equal(reference.Vae!.ToJson(), reloaded.Config.Vae!.ToJson());
+        Assert.Equal(reference.TextEncoder?.ToJson(), reloaded.Config.TextEncoder?.ToJson());
+        Assert.Equal(reference.TextEncoder2?.ToJson(), reloaded.Config.TextEncoder2?.ToJson());
+        Assert.True(File.Exists(Path.Combine(tmp.Path, "model_index.json")));
+        using var scope = NewDisposeScope();
+        var expected = model.named_parameters().ToDictionary(p => p.name, p => p.parameter);
+        Assert.Equal(expected.Count, reloaded.named_parameters().Count());
+        foreach (var (name, p) in reloaded.named_parameters())
+            Assert.True(Same(p, expected[name]), name);
     }
 
     [Fact]

@@ -67,7 +67,8 @@ public class ForwardReferenceTests
             Assert.Null(c1.PooledTextEmbeds);
             using var c2 = model.EncodeText(file.Load("input_ids"), clipSkip: 2);
             SdReference.AssertClose(file.Load("te_penultimate_final_layer_norm"), c2.Context, tol, "clip skip 2");
-            Assert.Throws<ArgumentOutOfRangeException>(() => model.EncodeText(file.Load("input_ids"), clipSkip: 3));
+            int layers = model.TextEncoder!.Config.NumHiddenLayers;
+            Assert.Throws<ArgumentOutOfRangeException>(() => model.EncodeText(file.Load("input_ids"), clipSkip: layers + 1));
         }
         else
         {
@@ -75,7 +76,9 @@ public class ForwardReferenceTests
             SdReference.AssertClose(file.Load("context"), c.Context, tol, "context");
             SdReference.AssertClose(file.Load("te2_text_embeds"), c.PooledTextEmbeds!, tol, "pooled");
             using var unetFile = SafetensorsFile.Open(SdReference.PathOf(set, "forward/unet_ref.safetensors"));
-            var ids = model.TimeIds(2, (128, 128), (0, 0), (128, 128));
+            var row = unetFile.Load("unet_time_ids")[0].data<float>().ToArray().Select(v => (int)v).ToArray();
+            var ids = model.TimeIds(2, (row[0], row[1]), (row[2], row[3]), (row[4], row[5]));
+            Assert.Equal(new long[] { 2, 6 }, ids.shape);
             Assert.Equal(unetFile.Load("unet_time_ids")[0].data<float>().ToArray(), ids[1].data<float>().ToArray());
         }
     }

@@ -83,7 +83,8 @@ public class ModuleStructureTests
         Assert.True(eps.isfinite().all().item<bool>());
         var image = randn(1, 3, 64, 64);
         using var dist = model.Vae!.Encode(image);
-        Assert.Equal(new long[] { 1, 4, 8, 8 }, dist.Mean.shape);
+        long factor = 1L << (config.Vae!.BlockOutChannels.Length - 1);
+        Assert.Equal(new long[] { 1, config.Vae.LatentChannels, 64 / factor, 64 / factor }, dist.Mean.shape);
         var decoded = model.Vae.Decode(dist.Mean);
         Assert.Equal(image.shape, decoded.shape);
 
@@ -150,7 +151,7 @@ public class ModuleStructureTests
         using var scope = NewDisposeScope();
         using var noGrad = no_grad();
         var latents = randn(1, 4, height, width);
-        var eps = model.Unet.Predict(latents, tensor(new long[] { 300 }), randn(1, 77, 32));
+        var eps = model.Unet.Predict(latents, tensor(new long[] { 300 }), randn(1, 77, model.Config.Unet.CrossAttentionDim));
         Assert.Equal(latents.shape, eps.shape);
         Assert.True(eps.isfinite().all().item<bool>());
     }
@@ -163,25 +164,35 @@ public class ModuleStructureTests
         var roots = model.named_children().Select(c => c.name).Order().ToArray();
         Assert.Equal(new[] { "text_encoder", "text_encoder_2", "unet", "vae" }, roots);
         var names = model.named_modules().Select(m => m.name).ToHashSet();
-        Assert.Contains("unet.down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k", names);
-        Assert.Contains("text_encoder_2.text_model.encoder.layers.2.self_attn.q_proj", names);
+        int level = Array.IndexOf(config.Unet.DownBlockTypes, "CrossAttnDownBlock2D");
+        Assert.Contains($"unet.down_blocks.{level}.attentions.0.transformer_blocks.{config.Unet.TransformerLayersPerBlock[level] - 1}.attn2.to_k", names);
+        Assert.Contains($"text_encoder_2.text_model.encoder.layers.{config.TextEncoder2!.NumHiddenLayers - 1}.self_attn.q_proj", names);
         Assert.Contains("text_encoder_2.text_projection", names);
         Assert.Contains("vae.decoder.mid_block.attentions.0.to_out.0", names);
     }
 
-    [Fact]
-    public void Unet_config_json_reads_sd15_and_sdxl_fields()
+    [Theory]
+    [InlineData("sd")]
+    [InlineData("sdxl")]
+    public void Unet_config_json_agrees_with_the_manifest(string set)
     {
-        var sd = UNetConfig.FromJsonFile(Path.Combine(SdReference.DiffusersDir("sd"), "unet", "config.json"));
-        Assert.Equal(new[] { 4, 4, 4, 4 }, sd.AttentionHeads);
-        Assert.False(sd.UseLinearProjection);
-        Assert.Null(sd.AdditionEmbedType);
-        var xl = UNetConfig.FromJsonFile(Path.Combine(SdReference.DiffusersDir("sdxl"), "unet", "config.json"));
-        Assert.Equal(new[] { 2, 4, 4 }, xl.AttentionHeads);
-        Assert.Equal(new[] { 1, 2, 2 }, xl.TransformerLayersPerBlock);
-        Assert.Equal("text_time", xl.AdditionEmbedType);
-        Assert.Equal(8, xl.AdditionTimeEmbedDim);
-        Assert.Equal(88, xl.ProjectionClassEmbeddingsInputDim);
+        var config = UNetConfig.FromJsonFile(Path.Combine(SdReference.DiffusersDir(set), "unet", "config.json"));
+        var m = SdReference.Manifest(set).GetProperty("model").GetProperty("config").GetProperty("unet");
+        Assert.Equal(m.GetProperty("block_out_channels").EnumerateArray().Select(e => e.GetInt32()), config.BlockOutChannels);
+        var heads = m.GetProperty("attention_head_dim");
+        Assert.Equal(heads.ValueKind == System.Text.Json.JsonValueKind.Array
+            ? heads.EnumerateArray().Select(e => e.GetInt32()).ToArray()
+            : Enumerable.Repeat(heads.GetInt32(), config.BlockOutChannels.Length).ToArray(), config.AttentionHeads);
+        Assert.Equal(m.GetProperty("norm_num_groups").GetInt32(), config.NormNumGroups);
+        if (m.TryGetProperty("transformer_layers_per_block", out var depth))
+            Assert.Equal(depth.EnumerateArray().Select(e => e.GetInt32()), config.TransformerLayersPerBlock);
+        if (m.TryGetProperty("use_linear_projection", out var linear))
+            Assert.Equal(linear.GetBoolean(), config.UseLinearProjection);
+        Assert.Equal(m.TryGetProperty("addition_embed_type", out var add) ? add.GetString() : null, config.AdditionEmbedType);
+        if (m.TryGetProperty("addition_time_embed_dim", out var atd))
+            Assert.Equal(atd.GetInt32(), config.AdditionTimeEmbedDim);
+        if (m.TryGetProperty("projection_class_embeddings_input_dim", out var proj))
+            Assert.Equal(proj.GetInt32(), config.ProjectionClassEmbeddingsInputDim);
     }
 
     [Fact]

@@ -21,6 +21,29 @@ public sealed record VaeConfig
     public bool UsePostQuantConv { get; init; } = true;
     public int SampleSize { get; init; } = 512;
 
+    /// <summary>diffusers' <c>vae/config.json</c> for this config.</summary>
+    public string ToJson() => DiffusersJson.Write(new Dictionary<string, object?>
+    {
+        ["_class_name"] = "AutoencoderKL",
+        ["_diffusers_version"] = DiffusersJson.DiffusersVersion,
+        ["act_fn"] = "silu",
+        ["block_out_channels"] = BlockOutChannels,
+        ["down_block_types"] = Enumerable.Repeat("DownEncoderBlock2D", BlockOutChannels.Length).ToArray(),
+        ["force_upcast"] = true,
+        ["in_channels"] = InChannels,
+        ["latent_channels"] = LatentChannels,
+        ["layers_per_block"] = LayersPerBlock,
+        ["mid_block_add_attention"] = MidBlockAddAttention,
+        ["norm_num_groups"] = NormNumGroups,
+        ["out_channels"] = OutChannels,
+        ["sample_size"] = SampleSize,
+        ["scaling_factor"] = ScalingFactor,
+        ["shift_factor"] = ShiftFactor,
+        ["up_block_types"] = Enumerable.Repeat("UpDecoderBlock2D", BlockOutChannels.Length).ToArray(),
+        ["use_post_quant_conv"] = UsePostQuantConv,
+        ["use_quant_conv"] = UseQuantConv,
+    });
+
     public static VaeConfig FromJsonFile(string path)
     {
         using var doc = DiffusersJson.Parse(path);

@@ -50,6 +50,32 @@ public sealed record ClipTextConfig
         return c;
     }
 
+    /// <summary>transformers' <c>config.json</c> for this config (CLIPTextModelWithProjection when there is a projection).</summary>
+    public string ToJson()
+    {
+        var d = new Dictionary<string, object?>
+        {
+            ["architectures"] = new[] { ProjectionDim is null ? "CLIPTextModel" : "CLIPTextModelWithProjection" },
+            ["attention_dropout"] = 0.0,
+            ["bos_token_id"] = 49406,
+            ["eos_token_id"] = 49407,
+            ["hidden_act"] = HiddenAct,
+            ["hidden_size"] = HiddenSize,
+            ["initializer_factor"] = 1.0,
+            ["initializer_range"] = 0.02,
+            ["intermediate_size"] = IntermediateSize,
+            ["layer_norm_eps"] = LayerNormEps,
+            ["max_position_embeddings"] = MaxPositionEmbeddings,
+            ["model_type"] = "clip_text_model",
+            ["num_attention_heads"] = NumAttentionHeads,
+            ["num_hidden_layers"] = NumHiddenLayers,
+            ["pad_token_id"] = 1,
+            ["vocab_size"] = VocabSize,
+        };
+        if (ProjectionDim is int p) d["projection_dim"] = p;
+        return DiffusersJson.Write(d);
+    }
+
     internal void Validate(string source)
     {
         if (HiddenSize % NumAttentionHeads != 0)

@@ -6,6 +6,16 @@ namespace LoraSharp.Models.StableDiffusion;
 /// and fields that are "an int or a list per block" become arrays.</summary>
 static class DiffusersJson
 {
+    /// <summary>The diffusers version written into configs (the layout matches diffusers 0.2x–0.40).</summary>
+    public const string DiffusersVersion = "0.30.0";
+
+    /// <summary>Indented JSON with keys in the given order, as diffusers writes its configs.</summary>
+    public static string Write(IReadOnlyDictionary<string, object?> values) =>
+        JsonSerializer.Serialize(values, new JsonSerializerOptions { WriteIndented = true }) + "\n";
+
+    /// <summary>One number when every block has the same value, else the list (diffusers accepts both).</summary>
+    public static object PerBlockValue(int[] values) => values.Distinct().Count() == 1 ? values[0] : values;
+
     public static JsonDocument Parse(string path)
     {
         if (!File.Exists(path))

@@ -45,6 +45,8 @@ public static class StableDiffusionCheckpoint
         options ??= new StableDiffusionLoadOptions();
         source = StateDictView.Unwrap(source, ownsInner: false);
         var config = options.Config ?? DeriveConfig(source);
+        if (config.Family == StableDiffusionFamily.Unknown)
+            config = config with { Family = DetectFamily(source) }; // an override without a family: the file's layout decides
         var family = config.Family;
         // Built on the meta device (no memory, no random initialisation); loading puts every parameter on options.Device.
         var model = new StableDiffusionModel(config, StableDiffusionModel.MetaDevice, options.DType, options.LoadVae, options.LoadTextEncoders, options.VaeDType);
@@ -334,7 +336,10 @@ public static class StableDiffusionCheckpoint
     {
         const string r = UNetRoot;
         var convIn = ShapeOf(s, r + "input_blocks.0.0.weight");
-        int inputBlocks = Indices(s, r + "input_blocks.").Max + 1;
+        var inputIndices = Indices(s, r + "input_blocks.");
+        if (inputIndices.Count == 0)
+            throw new LoraSharpException("no UNet input blocks (model.diffusion_model.input_blocks.*)", s.FilePath);
+        int inputBlocks = inputIndices.Max + 1;
         int firstDown = Indices(s, r + "input_blocks.").FirstOrDefault(i => s.Contains($"{r}input_blocks.{i}.0.op.weight"));
         if (firstDown == 0)
             throw new LoraSharpException("cannot find the first downsampler (input_blocks.N.0.op.weight)", s.FilePath);
@@ -408,6 +413,8 @@ public static class StableDiffusionCheckpoint
         var levels = Indices(s, r + "encoder.down.");
         var boc = levels.Select(i => (int)ShapeOf(s, $"{r}encoder.down.{i}.block.0.conv2.weight")[0]).ToArray();
         int layers = Indices(s, r + "encoder.down.0.block.").Count;
+        if (boc.Length == 0 || layers == 0)
+            throw new LoraSharpException("no VAE encoder blocks (first_stage_model.encoder.down.N.block.M.*)", s.FilePath);
         return new VaeConfig
         {
             InChannels = (int)ShapeOf(s, r + "encoder.conv_in.weight")[1],

@@ -170,6 +170,45 @@ public sealed class StableDiffusionModel : nn.Module
         }
     }
 
+    /// <summary>
+    /// Writes the model as a diffusers folder: <c>model_index.json</c>, and per component its <c>config.json</c> and
+    /// weights (<c>unet/diffusion_pytorch_model.safetensors</c>, <c>vae/…</c>, <c>text_encoder/model.safetensors</c>,
+    /// <c>text_encoder_2/…</c>) in <paramref name="dtype"/> (default: each parameter's dtype). Tokenizers and the scheduler
+    /// are not part of the model and are not written.
+    /// </summary>
+    public void SaveDiffusers(string folder, ScalarType? dtype = null)
+    {
+        Directory.CreateDirectory(folder);
+        var index = new Dictionary<string, object?>
+        {
+            ["_class_name"] = Family switch
+            {
+                StableDiffusionFamily.SDXLBase => "StableDiffusionXLPipeline",
+                StableDiffusionFamily.SDXLRefiner => "StableDiffusionXLImg2ImgPipeline",
+                _ => "StableDiffusionPipeline",
+            },
+            ["_diffusers_version"] = DiffusersJson.DiffusersVersion,
+        };
+        void Component(nn.Module? module, string name, string library, string className, string config, string weightsName)
+        {
+            if (module is null) return;
+            var dir = Directory.CreateDirectory(Path.Combine(folder, name)).FullName;
+            File.WriteAllText(Path.Combine(dir, "config.json"), config);
+            var tensors = module.named_parameters().Select(p => new PendingTensor(p.name, dtype ?? p.parameter.dtype, p.parameter.shape, () =>
+            {
+                using var noGrad = no_grad();
+                return p.parameter.to_type(dtype ?? p.parameter.dtype).contiguous();
+            })).ToList();
+            SafetensorsWriter.Write(Path.Combine(dir, weightsName), tensors);
+            index[name] = new[] { library, className };
+        }
+        Component(TextEncoder, "text_encoder", "transformers", "CLIPTextModel", TextEncoder?.Config.ToJson() ?? "", "model.safetensors");
+        Component(TextEncoder2, "text_encoder_2", "transformers", "CLIPTextModelWithProjection", TextEncoder2?.Config.ToJson() ?? "", "model.safetensors");
+        Component(Unet, "unet", "diffusers", "UNet2DConditionModel", Unet.Config.ToJson(), "diffusion_pytorch_model.safetensors");
+        Component(Vae, "vae", "diffusers", "AutoencoderKL", Vae?.Config.ToJson() ?? "", "diffusion_pytorch_model.safetensors");
+        File.WriteAllText(Path.Combine(folder, "model_index.json"), DiffusersJson.Write(index));
+    }
+
     /// <summary>The weights file of a diffusers component folder.</summary>
     internal static string WeightsFile(string componentFolder)
     {

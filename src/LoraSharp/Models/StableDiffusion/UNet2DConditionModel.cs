@@ -95,6 +95,41 @@ public sealed record UNetConfig
         return c;
     }
 
+    /// <summary>diffusers' <c>unet/config.json</c> for this config (per-block values collapse to one number when equal).</summary>
+    public string ToJson() => DiffusersJson.Write(new Dictionary<string, object?>
+    {
+        ["_class_name"] = "UNet2DConditionModel",
+        ["_diffusers_version"] = DiffusersJson.DiffusersVersion,
+        ["act_fn"] = "silu",
+        ["addition_embed_type"] = AdditionEmbedType,
+        ["addition_time_embed_dim"] = AdditionTimeEmbedDim,
+        ["attention_head_dim"] = DiffusersJson.PerBlockValue(AttentionHeads),
+        ["block_out_channels"] = BlockOutChannels,
+        ["center_input_sample"] = false,
+        ["class_embed_type"] = null,
+        ["conv_in_kernel"] = ConvInKernel,
+        ["conv_out_kernel"] = ConvOutKernel,
+        ["cross_attention_dim"] = CrossAttentionDim,
+        ["down_block_types"] = DownBlockTypes,
+        ["downsample_padding"] = DownsamplePadding,
+        ["flip_sin_to_cos"] = FlipSinToCos,
+        ["freq_shift"] = FreqShift,
+        ["in_channels"] = InChannels,
+        ["layers_per_block"] = DiffusersJson.PerBlockValue(LayersPerBlock),
+        ["mid_block_scale_factor"] = MidBlockScaleFactor,
+        ["mid_block_type"] = MidBlockType,
+        ["norm_eps"] = NormEps,
+        ["norm_num_groups"] = NormNumGroups,
+        ["num_attention_heads"] = null,
+        ["out_channels"] = OutChannels,
+        ["projection_class_embeddings_input_dim"] = ProjectionClassEmbeddingsInputDim,
+        ["sample_size"] = SampleSize,
+        ["transformer_layers_per_block"] = DiffusersJson.PerBlockValue(TransformerLayersPerBlock),
+        ["up_block_types"] = UpBlockTypes,
+        ["upcast_attention"] = UpcastAttention,
+        ["use_linear_projection"] = UseLinearProjection,
+    });
+
     static int SingleValue(int[] values, string path, string key) =>
         values.Distinct().Count() == 1 ? values[0] : throw new LoraSharpException($"per-block values [{string.Join(", ", values)}] are not supported", path, key);
 
