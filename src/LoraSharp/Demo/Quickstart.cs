@@ -21,7 +21,9 @@ public sealed record QuickstartOptions
 }
 
 /// <summary>What the quickstart did.</summary>
-public sealed record QuickstartResult(string AdapterPath, string GridPath, string? LossCurvePath, ConceptRate Base, ConceptRate Lora, TimeSpan TrainTime, TimeSpan EvalTime, long Steps, double FinalLoss);
+/// <param name="MeanAbsoluteDifference">Mean |LoRA image − base image| over all prompts and seeds (pixels in [−1, 1]).</param>
+public sealed record QuickstartResult(string AdapterPath, string GridPath, string? LossCurvePath, ConceptRate Base, ConceptRate Lora, TimeSpan TrainTime, TimeSpan EvalTime, long Steps, double FinalLoss,
+    double MeanAbsoluteDifference);
 
 /// <summary>
 /// The one-command tour: trains a LoRA for the demo model's held-out concept ("sks star", a shape the base model never
@@ -98,6 +100,8 @@ public sealed class Quickstart(QuickstartOptions options, Action<string>? log = 
             PngImage.Save(grid, gridPath);
         var evalTime = sw.Elapsed;
         double finalLoss = trained.Losses.Count == 0 ? double.NaN : trained.Losses.Skip(Math.Max(0, trained.Losses.Count - Math.Max(1, trained.Losses.Count / 10))).Average();
-        return new QuickstartResult(trained.AdapterPath, gridPath, trained.LossCurvePath, comparison.Base, comparison.Lora, trainTime, evalTime, trained.Steps, finalLoss);
+        double diff = comparison.BaseImages.Zip(comparison.LoraImages).SelectMany(p => p.First.Zip(p.Second))
+            .Average(p => (p.First - p.Second).abs().mean().item<float>());
+        return new QuickstartResult(trained.AdapterPath, gridPath, trained.LossCurvePath, comparison.Base, comparison.Lora, trainTime, evalTime, trained.Steps, finalLoss, diff);
     }
 }
