@@ -135,9 +135,11 @@ public static class DemoCommand
             foreach (var row in images) foreach (var t in row) t.Dispose();
             foreach (var shape in Enum.GetValues<DemoShape>())
             {
-                var (rate, recon) = DemoChecks.VaeRoundTrip(pipeline.Model, shape, 50, 99);
+                var (rate, recon, readings) = DemoChecks.VaeRoundTripReadings(pipeline.Model, shape, 50, 99);
                 recon.Dispose();
-                AnsiConsole.MarkupLine($"VAE round trip of 50 drawn {shape.ToString().ToLowerInvariant()}s: {rate.ToString("P0", CultureInfo.InvariantCulture)} read as stars");
+                AnsiConsole.MarkupLine($"VAE round trip of 50 drawn {shape.ToString().ToLowerInvariant()}s: {rate.ToString("P0", CultureInfo.InvariantCulture)} read as stars; " +
+                    $"mean solidity {readings.Average(x => x.Solidity).ToString("0.00", CultureInfo.InvariantCulture)}, 5 lobes in {readings.Count(x => x.Lobes == 5)}/50, " +
+                    $"mean lobe strength {readings.Average(x => x.LobeStrength).ToString("0.000", CultureInfo.InvariantCulture)}, shape found in {readings.Count(x => x.HasShape)}/50");
             }
             AnsiConsole.MarkupLine($"grid: [green]{Markup.Escape(Path.GetFullPath(r.GetValue(output)!))}[/]");
             return 0;

@@ -155,6 +155,13 @@ public static class DemoChecks
     /// Draws <paramref name="count"/> scenes of <paramref name="shape"/>, encodes them with the model's VAE (posterior
     /// mean) and decodes them: the fraction the star detector reads as stars, and the reconstructions.
     /// </summary>
+    public static (double StarRate, Tensor Reconstructions, IReadOnlyList<StarReading> Readings) VaeRoundTripReadings(Models.StableDiffusion.StableDiffusionModel model, DemoShape shape, int count, int seed)
+    {
+        var (rate, recon) = VaeRoundTrip(model, shape, count, seed);
+        var readings = Enumerable.Range(0, count).Select(i => StarDetector.Read(recon[i])).ToList();
+        return (rate, recon, readings);
+    }
+
     public static (double StarRate, Tensor Reconstructions) VaeRoundTrip(Models.StableDiffusion.StableDiffusionModel model, DemoShape shape, int count, int seed)
     {
         using var noGrad = no_grad();
