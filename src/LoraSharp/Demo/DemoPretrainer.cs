@@ -182,7 +182,7 @@ public sealed class DemoPretrainer(DemoPretrainOptions options, Action<string>? 
     /// gains 2 ln k; post_quant_conv's columns are divided by k and its bias gains W·m, so Decode(z') = Decode(z).
     /// Returns the std of each channel before the change.
     /// </summary>
-    static double[] Standardize(AutoencoderKL vae, Tensor pixels, Device device)
+    internal static double[] Standardize(AutoencoderKL vae, Tensor pixels, Device device)
     {
         using var noGrad = no_grad();
         using var scope = NewDisposeScope();
