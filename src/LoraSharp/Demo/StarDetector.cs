@@ -38,6 +38,7 @@ public static class StarDetector
         float[] px;
         using (var scope = NewDisposeScope())
         {
+            // The pixels are read on the host: the one transfer off the compute device.
             var x = ((image.detach().to_type(ScalarType.Float32).clamp(-1, 1) + 1) * 127.5).permute(1, 2, 0).contiguous().to(DeviceType.CPU);
             px = x.data<float>().ToArray();
         }
