@@ -66,7 +66,7 @@ public static class QuickstartCommand
         table.AddRow("base (no LoRA)", $"{r.Base.Stars}/{r.Base.Images} ({r.Base.Rate.ToString("P0", CultureInfo.InvariantCulture)})");
         table.AddRow("base + LoRA", $"{r.Lora.Stars}/{r.Lora.Images} ({r.Lora.Rate.ToString("P0", CultureInfo.InvariantCulture)})");
         AnsiConsole.Write(table);
-        AnsiConsole.MarkupLine($"mean |LoRA image − base image| = {r.MeanAbsoluteDifference.ToString("0.000", CultureInfo.InvariantCulture)} (pixels in [−1, 1])");
+        AnsiConsole.MarkupLine($"mean |LoRA image − base image| = {r.MeanAbsoluteDifference.ToString("0.000", CultureInfo.InvariantCulture)} (pixels in [[−1, 1]])");
         AnsiConsole.MarkupLine($"trained {r.Steps} steps in {r.TrainTime.TotalSeconds:0} s (final loss {r.FinalLoss:0.000}), evaluated in {r.EvalTime.TotalSeconds:0} s");
         AnsiConsole.MarkupLine($"LoRA:       [green]{Markup.Escape(r.AdapterPath)}[/]");
         AnsiConsole.MarkupLine($"grid:       [green]{Markup.Escape(r.GridPath)}[/]  (rows: prompts; columns: base seeds, then the same seeds with the LoRA)");

@@ -16,13 +16,13 @@ public sealed record DemoPretrainOptions
     public int Seed { get; init; } = 1;
     /// <summary>Procedural images drawn for pretraining (circles, squares, triangles; never stars).</summary>
     public int Images { get; init; } = 3000;
-    public int VaeSteps { get; init; } = 400;
+    public int VaeSteps { get; init; } = 1500;
     public int VaeBatch { get; init; } = 16;
     /// <summary>The VAE trains on random square crops of this side (it is convolutional; 32 px crops cost a quarter of full images).</summary>
     public int VaeCrop { get; init; } = 32;
-    public double VaeLearningRate { get; init; } = 1e-3;
+    public double VaeLearningRate { get; init; } = 2e-3;
     public double KlWeight { get; init; } = 1e-6;
-    public int UnetSteps { get; init; } = 1200;
+    public int UnetSteps { get; init; } = 1500;
     public int UnetBatch { get; init; } = 48;
     public double UnetLearningRate { get; init; } = 1e-3;
     public double TextEncoderLearningRate { get; init; } = 3e-4;
