@@ -21,6 +21,8 @@ public static class CommandLine
         root.Subcommands.Add(Commands.TrainLlmCommand.Create());
         root.Subcommands.Add(Commands.GenerateTextCommand.Create());
         root.Subcommands.Add(Commands.MergeAdapterCommand.Create());
+        root.Subcommands.Add(Commands.DemoCommand.Create());
+        root.Subcommands.Add(Commands.QuickstartCommand.Create());
         return root;
     }
 
