@@ -1,3 +1,4 @@
+using LoraSharp.Text;
 using System.Text;
 using System.Text.Json;
 
@@ -13,30 +14,10 @@ public static class DemoTokenizer
 {
     const string EndOfWord = "</w>";
 
-    /// <summary>GPT-2/CLIP's byte → printable character map.</summary>
-    static string[] ByteToUnicode()
-    {
-        var bs = new List<int>();
-        for (int b = '!'; b <= '~'; b++) bs.Add(b);
-        for (int b = 0xA1; b <= 0xAC; b++) bs.Add(b);
-        for (int b = 0xAE; b <= 0xFF; b++) bs.Add(b);
-        var cs = new List<int>(bs);
-        int n = 0;
-        for (int b = 0; b < 256; b++)
-        {
-            if (bs.Contains(b)) continue;
-            bs.Add(b);
-            cs.Add(256 + n++);
-        }
-        var map = new string[256];
-        for (int i = 0; i < bs.Count; i++) map[bs[i]] = ((char)cs[i]).ToString();
-        return map;
-    }
-
     /// <summary>Learns merges (most frequent pair first, ties by ordinal order) until every word is one symbol.</summary>
     public static List<(string A, string B)> LearnMerges(IEnumerable<string> words)
     {
-        var b2u = ByteToUnicode();
+        var b2u = ClipTokenizer.BuildByteToUnicode();
         var symbols = words.Distinct(StringComparer.Ordinal).OrderBy(w => w, StringComparer.Ordinal).Select(w =>
         {
             var chars = Encoding.UTF8.GetBytes(w.ToLowerInvariant()).Select(b => b2u[b]).ToList();
@@ -64,7 +45,7 @@ public static class DemoTokenizer
     public static int Write(string folder, IEnumerable<string> words)
     {
         Directory.CreateDirectory(folder);
-        var b2u = ByteToUnicode();
+        var b2u = ClipTokenizer.BuildByteToUnicode();
         var vocab = new Dictionary<string, int>(StringComparer.Ordinal);
         void Add(string token) { if (!vocab.ContainsKey(token)) vocab[token] = vocab.Count; }
         foreach (var s in b2u) Add(s);

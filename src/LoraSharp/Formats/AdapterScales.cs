@@ -9,15 +9,18 @@ public static class AdapterScales
     public static int RankFor(ModuleAdapterWeights m) => (int)(m.Rank ?? AdapterFile.RankOf(m.Algorithm, m.Tensors));
 
     /// <summary>
-    /// alpha/r (alpha/√r for rsLoRA); alpha missing → 1; LoKr with neither factor decomposed → 1 under LyCORIS
-    /// rules, alpha/r (config r) under PEFT rules; full diffs → 1.
+    /// The scale the adapter engine applies (<see cref="LoraMath.Scale"/>, <see cref="LokrMath.Scale"/>): alpha/r or
+    /// alpha/√r, alpha missing or 0 → alpha = r; LoKr with neither factor decomposed → 1 under LyCORIS rules, alpha/r
+    /// with the configured r under PEFT rules; full diffs → 1.
     /// </summary>
     public static double Scale(ModuleAdapterWeights m)
     {
         if (m.Algorithm == AdapterAlgorithm.Full) return 1;
-        int r = RankFor(m);
-        if (r == 0) return 1;
-        double alpha = m.Alpha ?? r;
-        return m.RsLora ? alpha / Math.Sqrt(r) : alpha / r;
+        if (m.Algorithm == AdapterAlgorithm.LoKr)
+        {
+            int decomposed = AdapterFile.RankOf(m.Algorithm, m.Tensors);
+            return LokrMath.Scale(m.Alpha, decomposed == 0 ? null : decomposed, m.Rank, m.RsLora, m.Convention);
+        }
+        return LoraMath.Scale(m.Alpha, RankFor(m), m.RsLora);
     }
 }

@@ -158,27 +158,11 @@ public sealed class ByteLevelBpeTokenizer : ITextTokenizer
         return map;
     }
 
-    public IReadOnlyList<int> Encode(string text, bool addBos = false, bool addEos = false)
-    {
-        var ids = new List<int>();
-        if (addBos && BosId is int bos) ids.Add(bos);
-        EncodeInto(text, ids);
-        if (addEos && EosId is int eos) ids.Add(eos);
-        return ids;
-    }
+    public IReadOnlyList<int> Encode(string text, bool addBos = false, bool addEos = false) =>
+        SpecialTokenSplitter.Encode(text, EncodeInto, BosId, EosId, addBos, addEos);
 
-    public IReadOnlyList<int> EncodeWithSpecialTokens(string text, bool addBos = false, bool addEos = false)
-    {
-        var ids = new List<int>();
-        if (addBos && BosId is int bos) ids.Add(bos);
-        foreach (var (segment, id) in SpecialTokenSplitter.Split(text, _added))
-        {
-            if (id is int special) ids.Add(special);
-            else EncodeInto(segment, ids);
-        }
-        if (addEos && EosId is int eos) ids.Add(eos);
-        return ids;
-    }
+    public IReadOnlyList<int> EncodeWithSpecialTokens(string text, bool addBos = false, bool addEos = false) =>
+        SpecialTokenSplitter.Encode(text, EncodeInto, BosId, EosId, addBos, addEos, _added);
 
     void EncodeInto(string text, List<int> ids)
     {

@@ -172,7 +172,7 @@ public sealed partial class ClipTokenizer
     }
 
     /// <summary>GPT-2's reversible map from bytes to printable unicode characters.</summary>
-    static string[] BuildByteToUnicode()
+    internal static string[] BuildByteToUnicode()
     {
         var bs = new List<int>();
         for (int b = '!'; b <= '~'; b++) bs.Add(b);

@@ -30,6 +30,26 @@ public interface ITextTokenizer
 /// <summary>Splits text on special-token strings (longest match first) for <see cref="ITextTokenizer.EncodeWithSpecialTokens"/>.</summary>
 public static class SpecialTokenSplitter
 {
+    /// <summary>
+    /// The ids of <paramref name="text"/> with optional BOS/EOS: plain text goes through <paramref name="encodeInto"/>;
+    /// with <paramref name="specials"/>, their strings inside the text become their ids first.
+    /// </summary>
+    public static IReadOnlyList<int> Encode(string text, Action<string, List<int>> encodeInto, int? bos, int? eos,
+        bool addBos, bool addEos, IReadOnlyDictionary<string, int>? specials = null)
+    {
+        var ids = new List<int>();
+        if (addBos && bos is int b) ids.Add(b);
+        if (specials is null) encodeInto(text, ids);
+        else
+            foreach (var (segment, id) in Split(text, specials))
+            {
+                if (id is int special) ids.Add(special);
+                else encodeInto(segment, ids);
+            }
+        if (addEos && eos is int e) ids.Add(e);
+        return ids;
+    }
+
     /// <summary>Segments in order: (text, null) for plain text, (token, id) for a special token.</summary>
     public static IEnumerable<(string Text, int? Id)> Split(string text, IReadOnlyDictionary<string, int> specials)
     {

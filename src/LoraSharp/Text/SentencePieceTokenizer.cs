@@ -94,27 +94,11 @@ public sealed class SentencePieceTokenizer : ITextTokenizer
         return sb.ToString();
     }
 
-    public IReadOnlyList<int> Encode(string text, bool addBos = false, bool addEos = false)
-    {
-        var ids = new List<int>();
-        if (addBos && BosId is int bos) ids.Add(bos);
-        EncodeInto(text, ids);
-        if (addEos && EosId is int eos) ids.Add(eos);
-        return ids;
-    }
+    public IReadOnlyList<int> Encode(string text, bool addBos = false, bool addEos = false) =>
+        SpecialTokenSplitter.Encode(text, EncodeInto, BosId, EosId, addBos, addEos);
 
-    public IReadOnlyList<int> EncodeWithSpecialTokens(string text, bool addBos = false, bool addEos = false)
-    {
-        var ids = new List<int>();
-        if (addBos && BosId is int bos) ids.Add(bos);
-        foreach (var (segment, id) in SpecialTokenSplitter.Split(text, _specials))
-        {
-            if (id is int special) ids.Add(special);
-            else EncodeInto(segment, ids);
-        }
-        if (addEos && EosId is int eos) ids.Add(eos);
-        return ids;
-    }
+    public IReadOnlyList<int> EncodeWithSpecialTokens(string text, bool addBos = false, bool addEos = false) =>
+        SpecialTokenSplitter.Encode(text, EncodeInto, BosId, EosId, addBos, addEos, _specials);
 
     /// <summary>Pieces of <paramref name="text"/> (after normalization), as the merges leave them, before id lookup.</summary>
     public IReadOnlyList<string> EncodeToPieces(string text) => MergeSymbols(Normalize(text));
