@@ -213,11 +213,15 @@ public abstract class Adapter : nn.Module
     /// <summary>
     /// Unmerged mode: the running output <paramref name="accumulated"/> (base output plus earlier adapters) with this
     /// adapter added; null when skipped (module dropout). <paramref name="baseOutput"/> is the base module's own output.
+    /// With <paramref name="inPlace"/> the sum is written into <paramref name="accumulated"/> (the caller guarantees that
+    /// nothing else reads it: a Linear/Conv2d output is not saved for its own backward, and no later adapter needs the
+    /// base output) — one output-sized allocation and copy less per adapted module.
     /// </summary>
-    public virtual Tensor? AddTo(Tensor accumulated, Tensor x, Tensor baseOutput, Tensor baseWeight, Tensor? baseBias, double multiplier, bool training)
+    public virtual Tensor? AddTo(Tensor accumulated, Tensor x, Tensor baseOutput, Tensor baseWeight, Tensor? baseBias, double multiplier, bool training, bool inPlace = false)
     {
         var d = ForwardDelta(x, baseOutput, baseWeight, baseBias, multiplier, training);
-        return d is null ? null : accumulated.add(d);
+        if (d is null) return null;
+        return inPlace && d.dtype == accumulated.dtype ? accumulated.add_(d) : accumulated.add(d);
     }
 
     /// <summary>Bypass without the input dropout (PEFT DoRA applies it once, outside). Default: the plain bypass.</summary>
@@ -275,13 +279,13 @@ public sealed class LoraAdapter : Adapter
         LoraBranch.Forward(x, P(Down), P(Up), Pn(Mid), Scale, Geometry, Dropout, training);
 
     /// <summary>Fast path without DoRA: the up projection accumulates straight into the output (one fused GEMM).</summary>
-    public override Tensor? AddTo(Tensor accumulated, Tensor x, Tensor baseOutput, Tensor baseWeight, Tensor? baseBias, double multiplier, bool training)
+    public override Tensor? AddTo(Tensor accumulated, Tensor x, Tensor baseOutput, Tensor baseWeight, Tensor? baseBias, double multiplier, bool training, bool inPlace = false)
     {
         if (Dora != DoraKind.None || accumulated.dtype != Dt || x.dtype != Dt)
-            return base.AddTo(accumulated, x, baseOutput, baseWeight, baseBias, multiplier, training);
+            return base.AddTo(accumulated, x, baseOutput, baseWeight, baseBias, multiplier, training, inPlace);
         if (SkippedByModuleDropout(training)) return null;
         if (training && Dropout.Input > 0) x = nn.functional.dropout(x, Dropout.Input, true);
-        return LoraBranch.AddForward(accumulated, x, P(Down), P(Up), Pn(Mid), Scale * multiplier, Geometry, Dropout, training);
+        return LoraBranch.AddForward(accumulated, x, P(Down), P(Up), Pn(Mid), Scale * multiplier, Geometry, Dropout, training, inPlace);
     }
 }
 
@@ -295,13 +299,20 @@ static class LoraBranch
         return LoraMath.Up(h, up, g).mul(scale).MoveToOuterDisposeScope();
     }
 
-    /// <summary>acc + scale·up(h): for Linear one addmm (the GEMM accumulates into a copy of acc), for Conv2d an add.</summary>
-    public static Tensor AddForward(Tensor acc, Tensor x, Tensor down, Tensor up, Tensor? mid, double scale, LayerGeometry g, AdapterDropout drop, bool training)
+    /// <summary>
+    /// acc + scale·up(h): for Linear one addmm (the GEMM accumulates into acc itself when <paramref name="inPlace"/>, else
+    /// into a copy), for Conv2d an add.
+    /// </summary>
+    public static Tensor AddForward(Tensor acc, Tensor x, Tensor down, Tensor up, Tensor? mid, double scale, LayerGeometry g, AdapterDropout drop, bool training, bool inPlace = false)
     {
         using var scope = NewDisposeScope();
         var h = Hidden(x, down, mid, g, drop, training, ref scale);
         Tensor r;
-        if (g.IsConv) r = acc.add(LoraMath.Up(h.mul(scale), up, g));
+        if (g.IsConv)
+        {
+            var d = LoraMath.Up(h.mul(scale), up, g);
+            r = inPlace ? acc.add_(d) : acc.add(d);
+        }
         else
         {
             long o = g.OutFeatures, rank = h.shape[^1];
@@ -309,7 +320,13 @@ static class LoraBranch
             var h2 = h.reshape(-1, rank);
             float alpha = (float)scale;
             if (acc.dtype == ScalarType.Float64) { h2 = h2.mul(scale); alpha = 1; }
-            r = addmm(acc.reshape(-1, o), h2, up.reshape(o, rank).t(), 1, alpha).reshape(acc.shape);
+            var upT = up.reshape(o, rank).t();
+            if (inPlace && acc.is_contiguous())
+            {
+                acc.view(-1, o).addmm_(h2, upT, 1, alpha);
+                r = acc;
+            }
+            else r = addmm(acc.reshape(-1, o), h2, upT, 1, alpha).reshape(acc.shape);
         }
         return r.MoveToOuterDisposeScope();
     }

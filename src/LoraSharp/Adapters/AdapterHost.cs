@@ -192,6 +192,14 @@ public sealed class AdapterHost : IDisposable
     public AdapterMode Mode => _mode;
 
     /// <summary>
+    /// Unmerged mode: adapters add their output into the base module's output tensor in place (default) instead of into
+    /// a copy — one output-sized allocation and memory pass less per adapted module and step. Safe for Linear and
+    /// Conv2d (their backward does not read their output); turn it off if other code keeps a reference to a module's
+    /// raw output (e.g. another forward hook registered before the adapters that stores it).
+    /// </summary>
+    public bool InPlaceAccumulation { get; set; } = true;
+
+    /// <summary>
     /// Keep each adapter's ΔW (fp32) between merges, so a multiplier change costs one add per adapter (default).
     /// Off: ΔW is recomputed at every re-merge — for models where an fp32 copy of every adapted weight does not fit.
     /// </summary>
@@ -427,13 +435,16 @@ public sealed class AdapterHost : IDisposable
     {
         if (s.Entries.Count == 0) return y;
         Tensor? result = null;
+        // The base output of a Linear/Conv2d is not saved for its backward, so adapters may accumulate into it in place —
+        // unless one of them (DoRA) reads the base output itself.
+        bool inPlace = InPlaceAccumulation && !s.Entries.Any(e => e.Adapter.Dora != DoraKind.None);
         using (var scope = NewDisposeScope())
         {
             foreach (var (owner, a) in s.Entries)
             {
                 double m = owner.MultiplierFor(s.Path);
                 if (m == 0) continue;
-                result = a.AddTo(result ?? y, x, y, s.Weight, s.Bias, m, training) ?? result;
+                result = a.AddTo(result ?? y, x, y, s.Weight, s.Bias, m, training, inPlace) ?? result;
             }
             result?.MoveToOuterDisposeScope();
         }
