@@ -16,7 +16,8 @@ namespace LoraSharp.Bench;
 /// (3) merge + unmerge of 100 Linear 1024×1024 layers with LoRA r=16 (first merge computes ΔW; a re-merge after a
 /// multiplier change reuses the fp32 cache), relative to one forward pass of those 100 layers at 1024 tokens.
 /// Ratios are of medians; "best-of" ratios (fastest run each) are printed too, as they are less sensitive to other
-/// load on a shared machine. Options: --reps N (default 5), --blocks N (default 1), --tokens N (default 1024), --layers N (default 100), --threads N.
+/// load on a shared machine. Options: --reps N (default 5), --blocks N (default 1), --tokens N (default 1024), --layers N (default 100), --threads N,
+/// --copy-accumulation (adapters add into a copy of the base output instead of in place, to compare).
 /// </summary>
 public static class AdaptersBenchmark
 {
@@ -93,11 +94,11 @@ public static class AdaptersBenchmark
         using (no_grad())
             foreach (var ((_, pb), (_, pl)) in baseModel.named_parameters().Zip(loraModel.named_parameters())) pl.copy_(pb);
         foreach (var p in baseModel.parameters()) p.requires_grad = false;
-        using var host = new AdapterHost(loraModel);
+        using var host = new AdapterHost(loraModel) { InPlaceAccumulation = !args.Contains("--copy-accumulation") };
         host.FreezeBase();
         var lora = host.Create("lora", new AdapterConfig { Rank = 16, Alpha = 16 }, ModuleSelector.All());
         using (no_grad()) foreach (var p in host.TrainableParameters()) p.normal_(0, 0.01); // non-zero up: real work
-        Console.WriteLine($"  LoRA on {lora.Modules.Count} Linear modules, {host.TrainableParameters().Sum(p => p.numel()):N0} trainable parameters");
+        Console.WriteLine($"  LoRA on {lora.Modules.Count} Linear modules, {host.TrainableParameters().Sum(p => p.numel()):N0} trainable parameters, accumulation {(host.InPlaceAccumulation ? "in place" : "into a copy")}");
         var x = randn(1, tokens, hidden);
 
         void TrainStep(nn.Module<Tensor, Tensor> m)

@@ -141,7 +141,10 @@ public static class DemoCommand
                     $"mean solidity {readings.Average(x => x.Solidity).ToString("0.00", CultureInfo.InvariantCulture)}, 5 lobes in {readings.Count(x => x.Lobes == 5)}/50, " +
                     $"mean lobe strength {readings.Average(x => x.LobeStrength).ToString("0.000", CultureInfo.InvariantCulture)}, shape found in {readings.Count(x => x.HasShape)}/50");
             }
-            AnsiConsole.MarkupLine($"grid: [green]{Markup.Escape(Path.GetFullPath(r.GetValue(output)!))}[/]");
+            var vaeGrid = Path.ChangeExtension(Path.GetFullPath(r.GetValue(output)!), null) + "_vae.png";
+            using (var grid = DemoChecks.VaeRoundTripGrid(pipeline.Model))
+                LoraSharp.Imaging.PngImage.Save(grid, vaeGrid);
+            AnsiConsole.MarkupLine($"grid: [green]{Markup.Escape(Path.GetFullPath(r.GetValue(output)!))}[/], VAE round trips: [green]{Markup.Escape(vaeGrid)}[/]");
             return 0;
         }));
         return cmd;

@@ -162,6 +162,37 @@ public static class DemoChecks
         return (rate, recon, readings);
     }
 
+    /// <summary>
+    /// A grid of VAE round trips: per shape one row of <paramref name="count"/> drawn scenes and one row of their
+    /// reconstructions (what the decoder can draw at all — the ceiling for any LoRA on the UNet).
+    /// </summary>
+    public static SKBitmap VaeRoundTripGrid(Models.StableDiffusion.StableDiffusionModel model, int count = 6, int seed = 99)
+    {
+        var rows = new List<Tensor[]>();
+        var labels = new List<string>();
+        try
+        {
+            foreach (var shape in Enum.GetValues<DemoShape>())
+            {
+                var (pixels, _) = ShapeScenes.Batch(count, DemoModel.ImageSize, seed, [shape]);
+                using (pixels)
+                {
+                    using var unit = ShapeScenes.ToUnit(pixels);
+                    rows.Add(Enumerable.Range(0, count).Select(i => unit[i].clone()).ToArray());
+                }
+                var (_, recon) = VaeRoundTrip(model, shape, count, seed);
+                using (recon) rows.Add(Enumerable.Range(0, count).Select(i => recon[i].clone()).ToArray());
+                labels.Add($"{ShapeScenes.ShapeName(shape)}: drawn");
+                labels.Add($"{ShapeScenes.ShapeName(shape)}: VAE");
+            }
+            return Grid(rows.ToArray(), labels, Enumerable.Range(0, count).Select(i => $"#{i + 1}").ToList(), cell: 96);
+        }
+        finally
+        {
+            foreach (var row in rows) foreach (var t in row) t.Dispose();
+        }
+    }
+
     public static (double StarRate, Tensor Reconstructions) VaeRoundTrip(Models.StableDiffusion.StableDiffusionModel model, DemoShape shape, int count, int seed)
     {
         using var noGrad = no_grad();

@@ -10,8 +10,8 @@ namespace LoraSharp.Demo;
 /// </summary>
 public static class DemoModel
 {
-    /// <summary>Image side the demo model is trained for (latents 4×4).</summary>
-    public const int ImageSize = 32;
+    /// <summary>Image side the demo model is trained for (latents 8×8).</summary>
+    public const int ImageSize = 64;
 
     /// <summary>The configuration for a text vocabulary of <paramref name="vocabSize"/> tokens.</summary>
     public static StableDiffusionConfig Config(int vocabSize) => new()
@@ -46,7 +46,7 @@ public static class DemoModel
             InChannels = 3,
             OutChannels = 3,
             LatentChannels = 4,
-            BlockOutChannels = [32, 32, 32, 32],
+            BlockOutChannels = [32, 64, 64, 64],
             LayersPerBlock = 1,
             NormNumGroups = 32,
             ScalingFactor = 0.18215,
