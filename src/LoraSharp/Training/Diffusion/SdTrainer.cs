@@ -166,7 +166,8 @@ public sealed class SdTrainer : IDisposable
         int stepsPerEpoch = Math.Max(1, (batchesPerEpoch + c.GradientAccumulationSteps - 1) / c.GradientAccumulationSteps);
         long totalSteps = c.MaxTrainEpochs is { } me ? (long)me * stepsPerEpoch : c.MaxTrainSteps;
         int epochs = (int)((totalSteps + stepsPerEpoch - 1) / stepsPerEpoch);
-        long warmup = LrSchedule.WarmupSteps(c.LrWarmupSteps, totalSteps);
+        long warmup = LrSchedule.KohyaWarmupSteps(c.LrWarmupSteps, totalSteps);
+        var lrSchedule = LrSchedule.Create(c.LrScheduler, warmup, totalSteps, c.LearningRate, c.LrSchedulerNumCycles, c.LrSchedulerPower);
         _log($"training: {epochs} epoch(s) × {stepsPerEpoch} step(s) = {totalSteps} steps, batch {c.TrainBatchSize} × accumulation {c.GradientAccumulationSteps}, " +
              $"{optimizer.Name}, lr unet {unetLr:G3} te {teLr:G3}, {c.LrScheduler} (warm-up {warmup}), checkpointing {(checkpointing ? "on" : "off")}, cached latents {(cacheLatents ? "on" : "off")}, seed {seed}");
 
@@ -223,9 +224,9 @@ public sealed class SdTrainer : IDisposable
                 if (accumulated < c.GradientAccumulationSteps && !last) continue;
 
                 foreach (var g in optimizer.Groups)
-                    g.LearningRate = g.BaseLearningRate * LrSchedule.Factor(c.LrScheduler, step, warmup, totalSteps, c.LrSchedulerNumCycles, c.LrSchedulerPower);
+                    g.LearningRate = g.BaseLearningRate * lrSchedule.Factor(step);
                 if (c.MaxGradNorm > 0)
-                    nn.utils.clip_grad_norm_(optimizer.Groups.SelectMany(g => g.Parameters).Where(p => p.grad is not null), c.MaxGradNorm);
+                    GradientClipping.ClipByGlobalNorm(optimizer.Groups.SelectMany(g => g.Parameters), c.MaxGradNorm);
                 optimizer.Step();
                 optimizer.ZeroGrad();
                 step++;
