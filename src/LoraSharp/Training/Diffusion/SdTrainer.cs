@@ -216,7 +216,7 @@ public sealed class SdTrainer : IDisposable
 
         for (int epoch = startEpoch; epoch < epochs && step < totalSteps; epoch++)
         {
-            var rng = new Random(HashCode.Combine(seed, epoch));
+            var rng = new Random(EpochSeed(seed, epoch));
             var batches = data.EpochBatches(c.TrainBatchSize, rng);
             model.Unet.train();
             model.TextEncoder?.train();
@@ -285,6 +285,16 @@ public sealed class SdTrainer : IDisposable
             AdapterPath = final, SavedAdapters = saved, SampleImages = samples, LossCurvePath = curve, Losses = losses, Steps = step, Epochs = epochs,
             MemoryPlan = plan, SecondsPerStep = stepsThisRun == 0 ? 0 : swTotal.Elapsed.TotalSeconds / stepsThisRun,
         };
+    }
+
+    /// <summary>The seed of an epoch's shuffling and caption randomness: a fixed mix of the run's seed and the epoch
+    /// (not HashCode.Combine, which is randomised per process), so a seed gives the same run in every process.</summary>
+    internal static int EpochSeed(long seed, int epoch)
+    {
+        ulong z = unchecked((ulong)seed * 0x9E3779B97F4A7C15UL + (ulong)epoch);
+        z = unchecked((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9UL);
+        z = unchecked((z ^ (z >> 27)) * 0x94D049BB133111EBUL);
+        return (int)((z ^ (z >> 31)) & int.MaxValue);
     }
 
     static string ModulePathOf(string namedParameter)
