@@ -275,7 +275,7 @@ public sealed class LlmTrainer : IDisposable
             SaveFinal(OutputDir);
         }
         if (_o.Options.WritePlot && _lossHistory.Count > 0)
-            LlmLossPlot.Write(Path.Combine(OutputDir, "loss.png"), _lossHistory, _evalHistory);
+            Diffusion.LossCurve.Save(Path.Combine(OutputDir, "loss.png"), _lossHistory, "Training loss", _evalHistory, "optimizer step", "cross-entropy per token");
         return new LlmTrainResult(_step, lastLoss, lastEval, OutputDir, [.. _lossHistory], [.. _evalHistory]);
     }
 
