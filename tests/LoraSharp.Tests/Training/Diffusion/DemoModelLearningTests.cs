@@ -1,5 +1,4 @@
 using System.Globalization;
-using System.Security.Cryptography;
 using LoraSharp.IO;
 using LoraSharp.Models.StableDiffusion;
 using LoraSharp.Tests.Infrastructure;
@@ -86,27 +85,10 @@ public class DemoModelLearningTests
 
     static double Distance(float[] a, float[] b) => Math.Sqrt(a.Zip(b).Sum(p => (p.First - p.Second) * (double)(p.First - p.Second)));
 
-    static string BaseChecksum(nn.Module m)
-    {
-        using var sha = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
-        foreach (var (name, p) in m.named_parameters())
-        {
-            sha.AppendData(System.Text.Encoding.UTF8.GetBytes(name));
-            sha.AppendData(p.detach().contiguous().bytes);
-        }
-        return Convert.ToHexString(sha.GetHashAndReset());
-    }
-
     [Fact]
-    public void Lora_on_the_demo_model_moves_generated_backgrounds_toward_the_trained_colour()
-    {
-        int threads = get_num_threads();
-        set_num_threads(1);
-        try { Run(); }
-        finally { set_num_threads(threads); }
-    }
+    public void Lora_on_the_demo_model_moves_generated_backgrounds_toward_the_trained_colour() => TrainerTests.OneThread(Run);
 
-    static void Run()
+    static int Run()
     {
         int size = ImageSize(DemoModel);
         using var tmp = new TempDir();
@@ -150,14 +132,14 @@ public class DemoModelLearningTests
         }
 
         string before;
-        using (var baseModel = StableDiffusionModel.Load(DemoModel)) before = BaseChecksum(baseModel);
+        using (var baseModel = StableDiffusionModel.Load(DemoModel)) before = LearningTests.BaseChecksum(baseModel);
         using var trainer = new SdTrainer(config);
         var sw = System.Diagnostics.Stopwatch.StartNew();
         var result = trainer.Train();
         var trainTime = sw.Elapsed;
         var adapter = trainer.Host!["lora"];
         adapter.Enabled = false;
-        Assert.Equal(before, BaseChecksum(trainer.Model!));
+        Assert.Equal(before, LearningTests.BaseChecksum(trainer.Model!));
 
         trainer.Model!.eval();
         (float[] Ring, float[] Centre) Generate(bool enabled)
@@ -179,5 +161,6 @@ public class DemoModelLearningTests
         Assert.True(baseDist > 0.25, "the base model already draws the training background: " + report);
         Assert.True(loraDist < 0.5 * baseDist, "the LoRA did not move the background halfway to the training colour: " + report);
         Assert.True(loraCentre[2] < Math.Min(loraCentre[0], loraCentre[1]) - 0.2, "the circle is no longer yellow: " + report);
+        return 0;
     }
 }

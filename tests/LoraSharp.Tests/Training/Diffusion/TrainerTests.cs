@@ -11,7 +11,7 @@ namespace LoraSharp.Tests.Training.Diffusion;
 [Collection(LoraSharp.Tests.Training.LlmTraining.TorchGlobalStateCollection.Name)]
 public class TrainerTests
 {
-    static T OneThread<T>(Func<T> f)
+    internal static T OneThread<T>(Func<T> f)
     {
         int threads = get_num_threads();
         set_num_threads(1);
