@@ -13,40 +13,91 @@ namespace LoraSharp.Bench;
 /// <summary>
 /// Seconds per LoRA training step with SD1.5's UNet + text encoder configuration (random weights), batch 1 at 512 px
 /// (64×64 latents), LoRA dim 16 on kohya's targets (UNet transformer children + CLIP attention/MLP), AdamW — in float32
-/// and bf16, each with and without gradient checkpointing. Each variant runs in its own child process so the peak RSS
-/// (VmHWM) belongs to that variant. Options: <c>--steps N</c> (timed steps after one warm-up, default 2),
-/// <c>--variants f32,f32-ckpt,bf16,bf16-ckpt</c>, <c>--size N</c> (latent side, default 64).
+/// and bf16, each with and without gradient checkpointing (four rows by default). Each variant runs in its own child
+/// process so the peak RSS (VmHWM) belongs to that variant. Options: <c>--steps N</c> (timed steps after one warm-up,
+/// default 2), <c>--precision fp32|bf16</c> and/or <c>--checkpointing on|off</c> (a subset of the rows), or
+/// <c>--variants f32,f32-ckpt,bf16,bf16-ckpt</c>, <c>--size N</c> (latent side, default 64), <c>--threads N</c> (torch
+/// threads in each child; default: libtorch's).
 /// </summary>
 public static class SdTrainBenchmark
 {
+    static readonly string[] AllVariants = ["f32", "f32-ckpt", "bf16", "bf16-ckpt"];
+
     static int Option(string[] args, string name, int fallback)
     {
         int i = Array.IndexOf(args, name);
         return i >= 0 && i + 1 < args.Length ? int.Parse(args[i + 1], CultureInfo.InvariantCulture) : fallback;
     }
 
+    static string? StringOption(string[] args, string name)
+    {
+        int i = Array.IndexOf(args, name);
+        return i >= 0 && i + 1 < args.Length ? args[i + 1] : null;
+    }
+
+    /// <summary>The variants the options ask for (all four by default), in the table's order.</summary>
+    public static IReadOnlyList<string> Variants(string[] args)
+    {
+        if (StringOption(args, "--variants") is { } list)
+        {
+            var asked = list.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries);
+            var unknown = asked.Except(AllVariants).ToList();
+            if (unknown.Count > 0) throw new ArgumentException($"unknown variant(s) {string.Join(", ", unknown)} (expected {string.Join(", ", AllVariants)})");
+            return asked;
+        }
+        var precision = StringOption(args, "--precision")?.ToLowerInvariant();
+        string? prefix = precision switch
+        {
+            null => null,
+            "fp32" or "f32" or "float32" => "f32",
+            "bf16" or "bfloat16" => "bf16",
+            _ => throw new ArgumentException($"--precision {precision}: expected fp32 or bf16"),
+        };
+        var ckpt = StringOption(args, "--checkpointing")?.ToLowerInvariant();
+        bool? withCkpt = ckpt switch
+        {
+            null => null,
+            "on" or "true" or "1" => true,
+            "off" or "false" or "0" => false,
+            _ => throw new ArgumentException($"--checkpointing {ckpt}: expected on or off"),
+        };
+        return AllVariants.Where(v => (prefix is null || v.StartsWith(prefix + "-", StringComparison.Ordinal) || v == prefix)
+                                      && (withCkpt is null || v.EndsWith("-ckpt", StringComparison.Ordinal) == withCkpt)).ToList();
+    }
+
+    static string LoadAverage() => File.Exists("/proc/loadavg") ? string.Join(" ", File.ReadAllText("/proc/loadavg").Split(' ').Take(3)) : "n/a";
+
     public static int Run(string[] args)
     {
+        int threads = Option(args, "--threads", 0);
         int ci = Array.IndexOf(args, "--child");
-        if (ci >= 0) return Child(args[ci + 1], Option(args, "--steps", 2), Option(args, "--size", 64));
+        if (ci >= 0)
+        {
+            if (threads > 0) set_num_threads(threads);
+            return Child(args[ci + 1], Option(args, "--steps", 2), Option(args, "--size", 64));
+        }
         int steps = Option(args, "--steps", 2), size = Option(args, "--size", 64);
-        int vi = Array.IndexOf(args, "--variants");
-        var variants = vi >= 0 ? args[vi + 1].Split(',') : ["f32", "f32-ckpt", "bf16", "bf16-ckpt"];
-        Console.WriteLine($"SD1.5 LoRA dim 16 training step, batch 1, latents {size}x{size} ({size * 8} px), random weights, {steps} timed step(s) per variant, {get_num_threads()} threads");
-        Console.WriteLine("| variant | s/step (median) | steps | peak RSS | expected peak (planner) |");
-        Console.WriteLine("|---|---|---|---|---|");
+        IReadOnlyList<string> variants;
+        try { variants = Variants(args); }
+        catch (ArgumentException e) { Console.Error.WriteLine(e.Message); return 2; }
+        if (threads > 0) set_num_threads(threads);
+        Console.WriteLine($"SD1.5 LoRA dim 16 training step, batch 1, latents {size}x{size} ({size * 8} px), random weights, {steps} timed step(s) per variant, " +
+                          $"{get_num_threads()} torch thread(s); load average at start {LoadAverage()}");
+        Console.WriteLine("| variant | s/step (median) | steps | peak RSS | expected peak (planner) | load average after |");
+        Console.WriteLine("|---|---|---|---|---|---|");
         foreach (var v in variants)
         {
             var psi = new ProcessStartInfo(Environment.ProcessPath!) { RedirectStandardOutput = true, UseShellExecute = false };
             if (Path.GetFileNameWithoutExtension(Environment.ProcessPath!) == "dotnet")
                 psi.ArgumentList.Add(typeof(SdTrainBenchmark).Assembly.Location);
-            foreach (var a in new[] { "sd-train", "--child", v, "--steps", steps.ToString(CultureInfo.InvariantCulture), "--size", size.ToString(CultureInfo.InvariantCulture) })
+            foreach (var a in new[] { "sd-train", "--child", v, "--steps", steps.ToString(CultureInfo.InvariantCulture), "--size", size.ToString(CultureInfo.InvariantCulture),
+                                      "--threads", threads.ToString(CultureInfo.InvariantCulture) })
                 psi.ArgumentList.Add(a);
             using var p = Process.Start(psi)!;
             var output = p.StandardOutput.ReadToEnd();
             p.WaitForExit();
             var line = output.Split('\n').LastOrDefault(l => l.StartsWith("RESULT ", StringComparison.Ordinal));
-            Console.WriteLine(line is null ? $"| {v} | failed (exit {p.ExitCode}) | | | |" : line["RESULT ".Length..]);
+            Console.WriteLine((line is null ? $"| {v} | failed (exit {p.ExitCode}) | | | |" : line["RESULT ".Length..]) + $" {LoadAverage()} |");
         }
         return 0;
     }

@@ -133,7 +133,7 @@ public sealed class DemoPretrainer(DemoPretrainOptions options, Action<string>? 
     /// <summary>Mean of the last 10 % of the losses (at least one).</summary>
     static double Tail(IReadOnlyList<double> losses) => losses.Count == 0 ? double.NaN : losses.Skip(losses.Count - Math.Max(1, losses.Count / 10)).Average();
 
-    static double Cosine(long step, long total, long warmup) => Training.Diffusion.LrSchedule.Factor("cosine", step, warmup, total);
+    static double Cosine(long step, long total, long warmup) => new Training.Optim.LrSchedule(Training.Optim.LrScheduleKind.Cosine, warmup, total).Factor(step);
 
     List<double> TrainVae(AutoencoderKL vae, Tensor pixels, Random rng, Generator generator, Device device, CancellationToken cancel)
     {

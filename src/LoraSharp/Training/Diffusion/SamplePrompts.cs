@@ -67,5 +67,18 @@ public static partial class SamplePromptFile
         return list;
     }
 
+    /// <summary>
+    /// The txt2img sampler for a kohya sampler name (<c>sample_sampler</c>, <c>--ss</c>): kohya's <c>k_euler</c>,
+    /// <c>k_euler_a</c> and <c>dpmsolver++</c> (diffusers' DPMSolverMultistep = DPM++ 2M) map to the project's samplers;
+    /// other names go to <see cref="Diffusion.Samplers.Create"/> as they are (ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, A1111 names).
+    /// </summary>
+    public static string SamplerName(string kohyaName) => kohyaName.Trim().ToLowerInvariant() switch
+    {
+        "k_euler" => "euler",
+        "k_euler_a" => "euler_a",
+        "dpmsolver++" => "dpmpp_2m",
+        _ => kohyaName,
+    };
+
     static int ParseInt(string v) => int.Parse(v, NumberStyles.Integer, CultureInfo.InvariantCulture);
 }

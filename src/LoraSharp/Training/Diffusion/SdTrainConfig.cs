@@ -347,8 +347,8 @@ public sealed class SdTrainConfig
         Need(MinTimestep >= 0 && MaxTimestep > MinTimestep && MaxTimestep <= 1000, "max_timestep", "need 0 <= min_timestep < max_timestep <= 1000");
         Need(MaxTrainEpochs is null or >= 1, "max_train_epochs", "must be at least 1");
         Need(MaxTrainSteps >= 1, "max_train_steps", "must be at least 1");
-        Need(LrScheduler is "constant" or "constant_with_warmup" or "cosine" or "cosine_with_restarts" or "linear" or "polynomial", "lr_scheduler",
-            "expected constant, constant_with_warmup, cosine, cosine_with_restarts, linear or polynomial");
+        Need(Optim.LrSchedule.Names.Contains(LrScheduler), "lr_scheduler", "expected one of: " + string.Join(", ", Optim.LrSchedule.Names));
+        Need(LrWarmupSteps >= 0, "lr_warmup_steps", "must not be negative");
         _ = Optim.OptimizerFactory.Normalize(OptimizerType);
         _ = NetworkSpec.From(this);
     }

@@ -48,6 +48,7 @@ public sealed class SdTrainer : IDisposable
     IGroupedOptimizer? _optimizer;
     LatentCache? _cache;
     GradientCheckpointing? _checkpointing;
+    Txt2ImgPipeline? _pipeline;
 
     /// <summary>Called after every optimizer step.</summary>
     public event Action<TrainProgress>? Progress;
@@ -93,8 +94,13 @@ public sealed class SdTrainer : IDisposable
         bool vpred = c.VParameterization || schedule.Prediction == PredictionType.VPrediction;
         schedule = schedule with { Prediction = vpred ? PredictionType.VPrediction : PredictionType.Epsilon };
         var noise = new DiffusionNoise(schedule);
-        var tok1 = LoadTokenizer(c, sdxl ? "tokenizer" : "tokenizer", padId: null);
-        var tok2 = sdxl ? LoadTokenizer(c, "tokenizer_2", padId: 0) : null;
+        var (tok1, tok2) = LoadTokenizers(c, model);
+        // Sample images and GenerateSample run through the txt2img pipeline on this very model (no weights copied):
+        // the trained adapter takes part through its forward hooks.
+        _pipeline = new Txt2ImgPipeline(model, tok1, tok2, loras: null, schedule)
+        {
+            ModelName = Directory.Exists(c.PretrainedModelNameOrPath) ? new DirectoryInfo(c.PretrainedModelNameOrPath).Name : Path.GetFileNameWithoutExtension(c.PretrainedModelNameOrPath),
+        };
         _log($"model: {family}{(vpred ? " (v-prediction)" : "")}, {dtype}, UNet {StableDiffusionModel.ParameterCount(model.Unet) / 1e6:0.0}M parameters");
 
         // ---- network
@@ -166,7 +172,8 @@ public sealed class SdTrainer : IDisposable
         int stepsPerEpoch = Math.Max(1, (batchesPerEpoch + c.GradientAccumulationSteps - 1) / c.GradientAccumulationSteps);
         long totalSteps = c.MaxTrainEpochs is { } me ? (long)me * stepsPerEpoch : c.MaxTrainSteps;
         int epochs = (int)((totalSteps + stepsPerEpoch - 1) / stepsPerEpoch);
-        long warmup = LrSchedule.WarmupSteps(c.LrWarmupSteps, totalSteps);
+        long warmup = LrSchedule.KohyaWarmupSteps(c.LrWarmupSteps, totalSteps);
+        var lrSchedule = LrSchedule.Create(c.LrScheduler, warmup, totalSteps, c.LearningRate, c.LrSchedulerNumCycles, c.LrSchedulerPower);
         _log($"training: {epochs} epoch(s) × {stepsPerEpoch} step(s) = {totalSteps} steps, batch {c.TrainBatchSize} × accumulation {c.GradientAccumulationSteps}, " +
              $"{optimizer.Name}, lr unet {unetLr:G3} te {teLr:G3}, {c.LrScheduler} (warm-up {warmup}), checkpointing {(checkpointing ? "on" : "off")}, cached latents {(cacheLatents ? "on" : "off")}, seed {seed}");
 
@@ -200,13 +207,16 @@ public sealed class SdTrainer : IDisposable
         var losses = new List<double>();
         var captions = new CaptionProcessor(c.ShuffleCaption, c.KeepTokens, c.CaptionDropoutRate);
         var sampleFile = c.SamplePrompts is { Length: > 0 } sp ? SamplePromptFile.Read(sp) : null;
+        if (sampleFile is not null)
+            foreach (var sampler in sampleFile.Select(p => p.Sampler ?? c.SampleSampler).Prepend(c.SampleSampler).Distinct())
+                Samplers.Create(SamplePromptFile.SamplerName(sampler), 1).Dispose(); // an unknown sampler fails now, not after an epoch
         var swTotal = Stopwatch.StartNew();
         long stepsThisRun = 0;
         double emaLoss = double.NaN;
 
         for (int epoch = startEpoch; epoch < epochs && step < totalSteps; epoch++)
         {
-            var rng = new Random(HashCode.Combine(seed, epoch));
+            var rng = new Random(EpochSeed(seed, epoch));
             var batches = data.EpochBatches(c.TrainBatchSize, rng);
             model.Unet.train();
             model.TextEncoder?.train();
@@ -223,9 +233,9 @@ public sealed class SdTrainer : IDisposable
                 if (accumulated < c.GradientAccumulationSteps && !last) continue;
 
                 foreach (var g in optimizer.Groups)
-                    g.LearningRate = g.BaseLearningRate * LrSchedule.Factor(c.LrScheduler, step, warmup, totalSteps, c.LrSchedulerNumCycles, c.LrSchedulerPower);
+                    g.LearningRate = g.BaseLearningRate * lrSchedule.Factor(step);
                 if (c.MaxGradNorm > 0)
-                    nn.utils.clip_grad_norm_(optimizer.Groups.SelectMany(g => g.Parameters).Where(p => p.grad is not null), c.MaxGradNorm);
+                    GradientClipping.ClipByGlobalNorm(optimizer.Groups.SelectMany(g => g.Parameters), c.MaxGradNorm);
                 optimizer.Step();
                 optimizer.ZeroGrad();
                 step++;
@@ -258,7 +268,7 @@ public sealed class SdTrainer : IDisposable
                 if (c.SaveState) TrainState.Save(Path.Combine(c.OutputDir, c.OutputName + "-state"), host, optimizer, epochNo, step, seed, generator);
             }
             if (sampleFile is not null && c.SampleEveryNEpochs is { } se && epochNo % se == 0)
-                samples.AddRange(SampleImages(sampleFile, epochNo, tok1, tok2, schedule, seed));
+                samples.AddRange(SampleImages(sampleFile, epochNo, seed));
         }
 
         var final = SaveAdapter(c.OutputName + "." + Extension(c.SaveModelAs), metaBase, epochs, step, sdxl);
@@ -275,6 +285,16 @@ public sealed class SdTrainer : IDisposable
             AdapterPath = final, SavedAdapters = saved, SampleImages = samples, LossCurvePath = curve, Losses = losses, Steps = step, Epochs = epochs,
             MemoryPlan = plan, SecondsPerStep = stepsThisRun == 0 ? 0 : swTotal.Elapsed.TotalSeconds / stepsThisRun,
         };
+    }
+
+    /// <summary>The seed of an epoch's shuffling and caption randomness: a fixed mix of the run's seed and the epoch
+    /// (not HashCode.Combine, which is randomised per process), so a seed gives the same run in every process.</summary>
+    internal static int EpochSeed(long seed, int epoch)
+    {
+        ulong z = unchecked((ulong)seed * 0x9E3779B97F4A7C15UL + (ulong)epoch);
+        z = unchecked((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9UL);
+        z = unchecked((z ^ (z >> 27)) * 0x94D049BB133111EBUL);
+        return (int)((z ^ (z >> 31)) & int.MaxValue);
     }
 
     static string ModulePathOf(string namedParameter)
@@ -294,17 +314,23 @@ public sealed class SdTrainer : IDisposable
         return Directory.Exists(modelPath) && File.Exists(json) ? ScheduleConfig.FromDiffusersJson(json) with { Spacing = null } : ScheduleConfig.StableDiffusion;
     }
 
-    static ClipTokenizer LoadTokenizer(SdTrainConfig c, string sub, int? padId)
+    /// <summary>
+    /// The model's tokenizer(s), as the txt2img pipeline loads them (SD2 and SDXL's second tokenizer pad with 0):
+    /// <c>tokenizer_path</c> (a tokenizer folder, or a folder with <c>tokenizer/</c> [+ <c>tokenizer_2/</c>]), else the diffusers folder's.
+    /// </summary>
+    static (ClipTokenizer, ClipTokenizer?) LoadTokenizers(SdTrainConfig c, StableDiffusionModel model)
     {
-        string? folder = null;
+        string? root = Directory.Exists(c.PretrainedModelNameOrPath) ? c.PretrainedModelNameOrPath : null, folder = null;
         if (c.TokenizerPath is { Length: > 0 } tp)
-            folder = sub == "tokenizer_2" && Directory.Exists(Path.Combine(tp, sub)) ? Path.Combine(tp, sub) : tp;
-        else if (Directory.Exists(c.PretrainedModelNameOrPath) && Directory.Exists(Path.Combine(c.PretrainedModelNameOrPath, sub)))
-            folder = Path.Combine(c.PretrainedModelNameOrPath, sub);
-        if (folder is null)
-            throw new LoraSharpException($"no {sub} folder found next to the model; give the CLIP tokenizer folder (vocab.json + merges.txt) with tokenizer_path",
+        {
+            if (!Directory.Exists(tp)) throw new LoraSharpException("tokenizer folder not found", tp, "tokenizer_path");
+            if (Directory.Exists(Path.Combine(tp, "tokenizer"))) root = tp;
+            else folder = tp;
+        }
+        if (folder is null && (root is null || !Directory.Exists(Path.Combine(root, "tokenizer"))))
+            throw new LoraSharpException("no tokenizer folder found next to the model; give the CLIP tokenizer folder (vocab.json + merges.txt) with tokenizer_path",
                 c.PretrainedModelNameOrPath, "tokenizer_path");
-        return ClipTokenizer.FromFolder(folder, padId);
+        return Txt2ImgPipeline.LoadTokenizers(model, root, folder);
     }
 
     /// <summary>Text conditioning for captions: SD1/2 [B, 77, C] (clip skip, final norm); SDXL context + pooled embeds.</summary>
@@ -415,93 +441,78 @@ public sealed class SdTrainer : IDisposable
         };
     }
 
-    /// <summary>Minimal txt2img for sample images during training (to be replaced by the txt2img pipeline once merged).</summary>
-    List<string> SampleImages(List<SamplePrompt> prompts, int epoch, ClipTokenizer tok1, ClipTokenizer? tok2, ScheduleConfig schedule, long seed)
+    /// <summary>
+    /// The txt2img pipeline over the trainer's in-memory model and tokenizers (after <see cref="Train"/> has loaded
+    /// the model). It copies no weights: the trainer's adapter runs through its hooks, so images show it as trained so
+    /// far (switch it off with <c>Host["lora"].Enabled = false</c>). Call <c>Model.eval()</c> first when the model is in
+    /// training mode (adapter dropouts).
+    /// </summary>
+    public Txt2ImgPipeline Pipeline => _pipeline ?? throw new InvalidOperationException("the model is loaded by Train(); call it first");
+
+    /// <summary>The txt2img request of a kohya sample prompt (sampler <c>--ss</c> or <c>sample_sampler</c>, clip skip from the config).</summary>
+    public Txt2ImgRequest SampleRequest(SamplePrompt prompt, long seed, bool decode = true) => new()
     {
-        var model = _model!;
-        bool sdxl = model.Family == StableDiffusionFamily.SDXLBase;
+        Prompt = prompt.Prompt,
+        NegativePrompt = prompt.NegativePrompt,
+        Steps = prompt.Steps,
+        Sampler = SamplePromptFile.SamplerName(prompt.Sampler ?? _c.SampleSampler),
+        CfgScale = prompt.CfgScale,
+        Seed = seed,
+        Width = prompt.Width,
+        Height = prompt.Height,
+        ClipSkip = _c.ClipSkip ?? 1,
+        Decode = decode,
+    };
+
+    /// <summary>
+    /// kohya's sample images after an epoch: <c>output_dir/sample/&lt;output_name&gt;_e&lt;epoch:6&gt;_&lt;index:2&gt;_&lt;yyyyMMddHHmmss&gt;_&lt;seed&gt;.png</c>
+    /// with A1111 parameters; a prompt without <c>--d</c> uses the training seed + its index.
+    /// </summary>
+    List<string> SampleImages(List<SamplePrompt> prompts, int epoch, long seed)
+    {
+        var dir = Path.Combine(_c.OutputDir, "sample");
+        Directory.CreateDirectory(dir);
+        var stamp = DateTime.Now.ToString("yyyyMMddHHmmss", CultureInfo.InvariantCulture);
         var files = new List<string>();
-        model.eval();
-        try
+        for (int i = 0; i < prompts.Count; i++)
         {
-            for (int i = 0; i < prompts.Count; i++)
-            {
-                var p = prompts[i];
-                long s = p.Seed ?? seed + i;
-                using var noGrad = no_grad();
-                using var scope = NewDisposeScope();
-                var image = Generate(model, p, s, tok1, tok2, schedule, sdxl);
-                var path = Path.Combine(_c.OutputDir, $"{_c.OutputName}_e{epoch:000000}_{i:00}.png");
-                var sampler = p.Sampler ?? _c.SampleSampler;
-                PngImage.Save(image, path, GenerationParameters.ForTxt2Img(p.Prompt, p.NegativePrompt, p.Steps, sampler, p.CfgScale, s, p.Width, p.Height));
-                files.Add(path);
-            }
+            long s = prompts[i].Seed ?? seed + i;
+            using var result = RunSample(SampleRequest(prompts[i], s));
+            var path = Path.Combine(dir, $"{_c.OutputName}_e{epoch:000000}_{i:00}_{stamp}_{s}.png");
+            PngImage.Save(result.Images![0], path, result.Parameters[0]);
+            files.Add(path);
         }
-        finally
-        {
-            model.Unet.train();
-            model.TextEncoder?.train();
-            model.TextEncoder2?.train();
-        }
+        _log($"samples: {files.Count} image(s) in {dir}");
         return files;
     }
 
-    /// <summary>One image [3, H, W] in [−1, 1] with classifier-free guidance (no_grad expected).</summary>
-    Tensor Generate(StableDiffusionModel model, SamplePrompt p, long seed, ClipTokenizer tok1, ClipTokenizer? tok2, ScheduleConfig schedule, bool sdxl)
-    {
-        var x = GenerateLatents(model, p, seed, tok1, tok2, schedule, sdxl);
-        var vae = model.Vae!;
-        var vaeDtype = vae.parameters().First().dtype;
-        var img = vae.Decode((x / vae.Config.ScalingFactor).to_type(vaeDtype)).to_type(ScalarType.Float32);
-        return img[0];
-    }
-
-    /// <summary>The final latents [1, C, H/8, W/8] (float32, scaled) of a guided sampling run (no_grad expected).</summary>
-    Tensor GenerateLatents(StableDiffusionModel model, SamplePrompt p, long seed, ClipTokenizer tok1, ClipTokenizer? tok2, ScheduleConfig schedule, bool sdxl)
-    {
-        var unetParam = model.Unet.parameters().First();
-        var device = unetParam.device;
-        var (ctx, pooled) = EncodeText([p.NegativePrompt, p.Prompt], tok1, tok2, sdxl);
-        ctx = ctx.to_type(unetParam.dtype);
-        using var sampler = Samplers.Create(p.Sampler ?? _c.SampleSampler, p.Steps, schedule);
-        using var noiseSource = new GeneratorNoise(seed);
-        long ch = model.Unet.Config.InChannels;
-        var x = sampler.InitialLatents([1, ch, p.Height / 8, p.Width / 8], noiseSource, ScalarType.Float32, device);
-        Tensor? timeIds = sdxl ? tensor(new float[] { p.Height, p.Width, 0, 0, p.Height, p.Width, p.Height, p.Width, 0, 0, p.Height, p.Width }, device: device).reshape(2, 6) : null;
-        for (int i = 0; i < sampler.Steps; i++)
-        {
-            var xin = sampler.ScaleModelInput(x, i);
-            var both = cat([xin, xin]).to_type(unetParam.dtype);
-            var t = tensor(sampler.Timesteps[i], device: device);
-            var outp = model.Unet.Predict(both, t, ctx, pooled?.to_type(unetParam.dtype), timeIds).to_type(ScalarType.Float32);
-            var guided = Guidance.ApplyBatched(outp, p.CfgScale);
-            x = sampler.Step(guided, i, x, noiseSource);
-        }
-        return x;
-    }
-
-    /// <summary>Generates one image [3, H, W] in [−1, 1] with the current model (adapters as attached) — for tests and tools.</summary>
-    public Tensor GenerateSample(SamplePrompt prompt, long seed) => GenerateCore(prompt, seed, decode: true);
-
-    /// <summary>The sampled latents [1, C, H/8, W/8] (scaled, float32) for a prompt, before VAE decoding.</summary>
-    public Tensor GenerateSampleLatents(SamplePrompt prompt, long seed) => GenerateCore(prompt, seed, decode: false);
-
-    Tensor GenerateCore(SamplePrompt prompt, long seed, bool decode)
+    /// <summary>Runs the pipeline with the networks in eval mode (no dropouts), restoring their modes afterwards.</summary>
+    Txt2ImgResult RunSample(Txt2ImgRequest request)
     {
         var model = _model ?? throw new InvalidOperationException("train first");
-        bool sdxl = model.Family == StableDiffusionFamily.SDXLBase;
-        var tok1 = LoadTokenizer(_c, "tokenizer", null);
-        var tok2 = sdxl ? LoadTokenizer(_c, "tokenizer_2", 0) : null;
-        model.eval();
-        using var noGrad = no_grad();
-        using var scope = NewDisposeScope();
-        var schedule = ScheduleFor(_c.PretrainedModelNameOrPath);
-        var result = decode ? Generate(model, prompt, seed, tok1, tok2, schedule, sdxl) : GenerateLatents(model, prompt, seed, tok1, tok2, schedule, sdxl);
-        return result.MoveToOuterDisposeScope();
+        var parts = new nn.Module?[] { model.Unet, model.TextEncoder, model.TextEncoder2 }.OfType<nn.Module>().Select(m => (Module: m, Training: m.training)).ToList();
+        foreach (var (m, _) in parts) m.eval();
+        try { return Pipeline.Generate(request); }
+        finally { foreach (var (m, training) in parts) if (training) m.train(); }
+    }
+
+    /// <summary>Generates one image [3, H, W] in [−1, 1] through <see cref="Pipeline"/> with the adapters as attached — for tests and tools.</summary>
+    public Tensor GenerateSample(SamplePrompt prompt, long seed)
+    {
+        using var result = RunSample(SampleRequest(prompt, seed));
+        return result.Images![0].clone();
+    }
+
+    /// <summary>The sampled latents [1, C, H/8, W/8] (scaled, float32) for a prompt, before VAE decoding.</summary>
+    public Tensor GenerateSampleLatents(SamplePrompt prompt, long seed)
+    {
+        using var result = RunSample(SampleRequest(prompt, seed, decode: false));
+        return result.Latents.clone();
     }
 
     public void Dispose()
     {
+        _pipeline?.Dispose();
         _checkpointing?.Dispose();
         _cache?.Dispose();
         _optimizer?.Dispose();

@@ -150,7 +150,7 @@ public sealed record LlmTrainConfig
             NumEpochs = r.Double("num_epochs", 1, min: 0),
             MaxSteps = r.OptLong("max_steps", min: 1),
             LearningRate = r.Double("learning_rate", 2e-4, min: 0),
-            LrScheduler = LrSchedule.ParseKind(r.Str("lr_scheduler", "cosine")!),
+            LrScheduler = LrSchedule.Parse(r.Str("lr_scheduler", "cosine")!),
             WarmupSteps = r.OptLong("warmup_steps", min: 0),
             WarmupRatio = r.OptDouble("warmup_ratio"),
             Optimizer = optimizer,

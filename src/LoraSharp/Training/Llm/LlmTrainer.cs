@@ -65,6 +65,7 @@ public sealed class LlmTrainer : IDisposable
     sealed record LlmTrainOptionsHolder(LlmTrainConfig Config, LlmTrainerOptions Options);
 
     public LlmTrainConfig Config => _o.Config;
+    double LearningRateAt(long step) => Config.LearningRate * _schedule.Factor(step);
     public LlmBaseModel Base { get; }
     public LlamaForCausalLM Model => Base.Model;
     public LlmTokenizer Tokenizer { get; }
@@ -108,8 +109,8 @@ public sealed class LlmTrainer : IDisposable
         long microPerEpoch = (_trainRows.Count + config.MicroBatchSize - 1) / config.MicroBatchSize;
         StepsPerEpoch = (microPerEpoch + config.GradientAccumulationSteps - 1) / config.GradientAccumulationSteps;
         TotalSteps = config.MaxSteps ?? (long)Math.Ceiling(config.NumEpochs * StepsPerEpoch);
-        long warmup = config.WarmupSteps ?? (long)Math.Ceiling((config.WarmupRatio ?? 0) * TotalSteps);
-        _schedule = new LrSchedule(config.LrScheduler, config.LearningRate, warmup, TotalSteps);
+        long warmup = LrSchedule.HuggingFaceWarmupSteps(config.WarmupSteps, config.WarmupRatio, TotalSteps);
+        _schedule = LrSchedule.Create(LrSchedule.NameOf(config.LrScheduler), warmup, TotalSteps, config.LearningRate);
 
         Base = LlmModelLoader.Load(modelDir, dtype, config.IsQLora, _device);
         try
@@ -139,8 +140,8 @@ public sealed class LlmTrainer : IDisposable
                 if (config.Bf16) foreach (var a in attached.Modules) a.ComputeDType = ScalarType.BFloat16;
                 _trainable = Host.NamedTrainableParameters(AdapterName).Select(p => (p.Name, p.Param)).ToList();
             }
-            var adam = new AdamWOptions { LearningRate = config.LearningRate, WeightDecay = config.WeightDecay };
-            _optimizer = config.Uses8BitOptimizer ? new AdamW8Bit(_trainable, adam) : new Optim.AdamW(_trainable, adam);
+            var group = new Optim.ParamGroup("params", _trainable.Select(t => t.Param).ToList(), config.LearningRate);
+            _optimizer = new AdamWOptimizer([group], (0.9, 0.999), eps: 1e-8, weightDecay: config.WeightDecay, eightBit: config.Uses8BitOptimizer);
             LlmGradientCheckpoint.Set(Model, config.GradientCheckpointing);
         }
         catch
@@ -225,7 +226,7 @@ public sealed class LlmTrainer : IDisposable
         while (_step < stopAt)
         {
             cancel.ThrowIfCancellationRequested();
-            _optimizer.LearningRate = _schedule.At(_step);
+            _optimizer.LearningRate = LearningRateAt(_step);
             var micro = MicroBatchesOf(_step);
             int stepTokens = micro.Sum(m => m.Sum(r => r.TrainedTokens));
             double lossSum = 0;
@@ -274,7 +275,7 @@ public sealed class LlmTrainer : IDisposable
             SaveFinal(OutputDir);
         }
         if (_o.Options.WritePlot && _lossHistory.Count > 0)
-            LlmLossPlot.Write(Path.Combine(OutputDir, "loss.png"), _lossHistory, _evalHistory);
+            Diffusion.LossCurve.Save(Path.Combine(OutputDir, "loss.png"), _lossHistory, "Training loss", _evalHistory, "optimizer step", "cross-entropy per token");
         return new LlmTrainResult(_step, lastLoss, lastEval, OutputDir, [.. _lossHistory], [.. _evalHistory]);
     }
 
@@ -373,7 +374,7 @@ public sealed class LlmTrainer : IDisposable
             ["step_in_epoch"] = _step % StepsPerEpoch,
             ["micro_batch_position"] = (_step % StepsPerEpoch) * Config.GradientAccumulationSteps,
             ["scheduler_step"] = _step,
-            ["learning_rate"] = _schedule.At(_step),
+            ["learning_rate"] = LearningRateAt(_step),
             ["total_steps"] = TotalSteps,
             ["seed"] = Config.Seed,
             ["rng_state"] = Convert.ToBase64String(rng),

@@ -270,20 +270,6 @@ public class DatasetAndConfigTests
     }
 
     [Fact]
-    public void Lr_schedules_match_the_diffusers_formulas()
-    {
-        Assert.Equal(1, LrSchedule.Factor("constant", 0, 10, 100));
-        Assert.Equal(0.5, LrSchedule.Factor("constant_with_warmup", 5, 10, 100));
-        Assert.Equal(1, LrSchedule.Factor("constant_with_warmup", 50, 10, 100));
-        Assert.Equal(0.5, LrSchedule.Factor("linear", 55, 10, 100), 10);
-        Assert.Equal(0.5, LrSchedule.Factor("cosine", 55, 10, 100), 10);
-        Assert.Equal(1.0, LrSchedule.Factor("cosine_with_restarts", 55, 10, 100, numCycles: 2), 10);
-        Assert.Equal(0.25 * (1 - 1e-7) + 1e-7, LrSchedule.Factor("polynomial", 55, 10, 100, power: 2), 10);
-        Assert.Equal(10, LrSchedule.WarmupSteps(0.1, 100));
-        Assert.Equal(7, LrSchedule.WarmupSteps(7, 100));
-    }
-
-    [Fact]
     public void Memory_plan_turns_on_checkpointing_and_8bit_states_when_memory_is_short()
     {
         var unet = new LoraSharp.Models.StableDiffusion.UNetConfig();

@@ -36,7 +36,8 @@ public class LearningTests
         File.WriteAllBytes(path, data.ToArray());
     }
 
-    static string BaseChecksum(nn.Module m)
+    /// <summary>SHA-256 over every base parameter (names and bytes; adapter parameters, if registered, are skipped).</summary>
+    internal static string BaseChecksum(nn.Module m)
     {
         using var sha = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
         foreach (var (name, p) in m.named_parameters())

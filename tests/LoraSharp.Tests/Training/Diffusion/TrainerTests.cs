@@ -1,4 +1,5 @@
 using LoraSharp.Cli.Commands;
+using LoraSharp.Imaging;
 using LoraSharp.IO;
 using LoraSharp.Tests.Infrastructure;
 using LoraSharp.Training.Diffusion;
@@ -10,7 +11,7 @@ namespace LoraSharp.Tests.Training.Diffusion;
 [Collection(LoraSharp.Tests.Training.LlmTraining.TorchGlobalStateCollection.Name)]
 public class TrainerTests
 {
-    static T OneThread<T>(Func<T> f)
+    internal static T OneThread<T>(Func<T> f)
     {
         int threads = get_num_threads();
         set_num_threads(1);
@@ -137,6 +138,66 @@ public class TrainerTests
             return t.Train();
         }));
         Assert.Contains("shape", bad.Message);
+    }
+
+    [Fact]
+    public void Sample_prompts_are_rendered_by_the_txt2img_pipeline_with_the_trained_adapter_into_the_sample_folder()
+    {
+        using var tmp = new TempDir();
+        var prompts = tmp.File("prompts.txt");
+        File.WriteAllText(prompts, """
+            # kohya prompt file
+            pattern, red, blue --n blurry --w 64 --h 64 --s 6 --l 4 --d 11
+            pattern --w 128 --h 64 --s 5 --l 3.5 --d 12 --ss euler_a
+            """);
+        var lrs = new List<double>();
+        OneThread(() =>
+        {
+            // 2 images × 2 repeats, batch 2: 2 steps per epoch, 4 in all; linear with a warm-up ratio of 0.5 (= 2 steps)
+            using var trainer = new SdTrainer(Config(tmp, LearningTests.TinyModel, "out", "--max_train_epochs", "2", "--learning_rate", "2e-2",
+                "--lr_scheduler", "linear", "--lr_warmup_steps", "0.5", "--sample_every_n_epochs", "1", "--sample_prompts", prompts, "--sample_sampler", "ddim"));
+            trainer.Progress += p => lrs.Add(p.LearningRate);
+            var result = trainer.Train();
+
+            Assert.Equal([0, 1e-2, 2e-2, 1e-2], lrs.Select(v => Math.Round(v, 12)));
+            var sampleDir = Path.Combine(tmp.Path, "out", "sample");
+            Assert.Equal(4, result.SampleImages.Count);
+            Assert.All(result.SampleImages, f => Assert.Equal(sampleDir, Path.GetDirectoryName(f)));
+            Assert.Equal(result.SampleImages.Order(), Directory.GetFiles(sampleDir, "*.png").Order());
+            Assert.Matches(@"^t_e000001_00_\d{14}_11\.png$", Path.GetFileName(result.SampleImages[0]));
+            Assert.Matches(@"^t_e000002_01_\d{14}_12\.png$", Path.GetFileName(result.SampleImages[3]));
+
+            var last = result.SampleImages[2]; // epoch 2, prompt 0
+            var infotext = GenerationParameters.ReadFromPng(last)!;
+            Assert.Equal("pattern, red, blue", infotext.Prompt);
+            Assert.Equal("blurry", infotext.NegativePrompt);
+            Assert.Equal("6", infotext.Get("Steps"));
+            Assert.Equal("DDIM", infotext.Get("Sampler"));
+            Assert.Equal("4", infotext.Get("CFG scale"));
+            Assert.Equal("11", infotext.Get("Seed"));
+            Assert.Equal("64x64", infotext.Get("Size"));
+            Assert.Equal("Euler a", GenerationParameters.ReadFromPng(result.SampleImages[3])!.Get("Sampler"));
+            using (var second = PngImage.Load(result.SampleImages[3])) Assert.Equal((128, 64), (second.Width, second.Height));
+
+            // the same request through the trainer's pipeline: identical pixels with the adapter, different without it
+            var prompt = SamplePromptFile.Read(prompts)[0];
+            static byte[] Rgb(SkiaSharp.SKBitmap bmp) => bmp.Pixels.SelectMany(c => new[] { c.Red, c.Green, c.Blue }).ToArray();
+            byte[] Pixels(bool adapterOn)
+            {
+                trainer.Host!["lora"].Enabled = adapterOn;
+                using var img = trainer.GenerateSample(prompt, 11);
+                using var bmp = PngImage.ToBitmap(img);
+                return Rgb(bmp);
+            }
+            byte[] saved;
+            using (var bmp = PngImage.Load(last)) saved = Rgb(bmp);
+            var with = Pixels(true);
+            var without = Pixels(false);
+            Assert.Equal(saved, with);
+            int changed = with.Zip(without).Count(p => p.First != p.Second);
+            Assert.True(changed > with.Length / 20, $"only {changed} of {with.Length} bytes differ without the adapter");
+            return 0;
+        });
     }
 
     [Fact]
