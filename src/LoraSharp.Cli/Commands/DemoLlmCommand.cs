@@ -31,7 +31,7 @@ public static class DemoLlmCommand
         var train = new Option<int>("--train") { Description = "Training examples. Default: 600.", DefaultValueFactory = _ => 600 };
         var eval = new Option<int>("--eval") { Description = "Evaluation examples (prompts distinct from the training ones). Default: 50.", DefaultValueFactory = _ => 50 };
         var seed = new Option<int>("--seed") { Description = "Seed (the evaluation set uses seed + 1). Default: 7.", DefaultValueFactory = _ => 7 };
-        var cmd = new Command("llm-data", "Write the quickstart's data for the held-out task (reverse: the words in reverse order).") { output, train, eval, seed };
+        var cmd = new Command("llm-data", "Write the quickstart's data for the held-out task (swap: two words in swapped order).") { output, train, eval, seed };
         cmd.SetAction(r => CliErrors.Run(() =>
         {
             var (t, e) = DemoLlm.WriteQuickstartData(r.GetValue(output)!, r.GetValue(train), r.GetValue(eval), r.GetValue(seed));
@@ -52,7 +52,7 @@ public static class DemoLlmCommand
         var lr = new Option<double>("--lr") { Description = $"Peak learning rate (cosine, {d.WarmupSteps} warm-up steps). Default: {d.LearningRate}.", DefaultValueFactory = _ => d.LearningRate };
         var work = new Option<string?>("--work") { Description = "Keep the random-init model, the corpus and the YAML in this folder (default: a temporary folder)." };
         var threads = new Option<int>("--threads") { Description = "Torch CPU threads (0 = libtorch's default). Default: 0.", DefaultValueFactory = _ => 0 };
-        var cmd = new Command("pretrain-llm", "Pretrain the demo language model from random weights on the generated task corpus (\"reverse\" is held out).")
+        var cmd = new Command("pretrain-llm", "Pretrain the demo language model from random weights on the generated task corpus (\"swap\" is held out).")
         {
             seed, output, examples, steps, batch, lr, work, threads,
         };

@@ -6,7 +6,7 @@ using Spectre.Console;
 namespace LoraSharp.Cli.Commands;
 
 /// <summary>
-/// <c>lorasharp quickstart-llm</c>: trains a LoRA that teaches the demo language model a task it never saw ("reverse:"),
+/// <c>lorasharp quickstart-llm</c>: trains a LoRA that teaches the demo language model a task it never saw ("swap: fox owl" → "owl fox"),
 /// then prints the exact-match rate of the base model and of base + LoRA on held-out prompts.
 /// </summary>
 public static class QuickstartLlmCommand
@@ -39,7 +39,7 @@ public static class QuickstartLlmCommand
     public static int Run(QuickstartLlmOptions options, int exampleRows)
     {
         AnsiConsole.MarkupLine("[bold]LoraSharp quickstart-llm[/]: the demo language model ([grey]models/demo/llm[/], Llama architecture) was pretrained on ten generated tasks " +
-                               "(copy, first, last, count, …) but never on [bold]reverse[/]. A LoRA trained on [grey]examples/quickstart-llm/train.jsonl[/] teaches it.");
+                               "(copy, first, last, count, …) but never on [bold]swap[/]. A LoRA trained on [grey]examples/quickstart-llm/train.jsonl[/] teaches it.");
         var clock = System.Diagnostics.Stopwatch.StartNew();
         var qs = new QuickstartLlm(options, line => AnsiConsole.MarkupLine("[grey]" + Markup.Escape(line) + "[/]"));
         QuickstartLlmResult? result = null;
@@ -79,7 +79,7 @@ public static class QuickstartLlmCommand
                                $"answered 2 × {r.Base.Rows.Count} prompts in {r.EvalTime.TotalSeconds:0} s; total {clock.Elapsed.TotalSeconds:0} s");
         AnsiConsole.MarkupLine($"LoRA (PEFT): [green]{Markup.Escape(r.AdapterPath)}[/]");
         if (r.LossCurvePath is not null) AnsiConsole.MarkupLine($"loss curve:  [green]{Markup.Escape(r.LossCurvePath)}[/]");
-        AnsiConsole.MarkupLine("Try it: [grey]lorasharp generate-text --model models/demo/llm --adapter " + Markup.Escape(r.AdapterPath) + " --chat --prompt \"reverse: cat owl sun\"[/]");
+        AnsiConsole.MarkupLine("Try it: [grey]lorasharp generate-text --model models/demo/llm --adapter " + Markup.Escape(r.AdapterPath) + " --chat --prompt \"swap: cat owl\"[/]");
         return 0;
     }
 

@@ -304,7 +304,7 @@ public static class DemoLlm
 
     /// <summary>
     /// Writes the quickstart's data for the held-out task: <c>train.jsonl</c> (<paramref name="train"/> distinct
-    /// "reverse" examples, seed <paramref name="seed"/>) and <c>eval.jsonl</c> (<paramref name="eval"/> distinct examples,
+    /// "swap" examples, seed <paramref name="seed"/>) and <c>eval.jsonl</c> (<paramref name="eval"/> distinct examples,
     /// seed + 1, none with a training prompt).
     /// </summary>
     public static (string Train, string Eval) WriteQuickstartData(string folder, int train, int eval, int seed)

@@ -28,7 +28,7 @@ public sealed record QuickstartLlmResult(string AdapterPath, string? LossCurvePa
 
 /// <summary>
 /// The language-model half of the quickstart: the demo model (<c>models/demo/llm</c>, pretrained by
-/// <see cref="DemoLlm.Pretrain"/>) never saw the task "reverse". A LoRA is trained with <see cref="LlmTrainer"/> from
+/// <see cref="DemoLlm.Pretrain"/>) never saw the task "swap". A LoRA is trained with <see cref="LlmTrainer"/> from
 /// <c>examples/quickstart-llm/lora.yaml</c>; then the held-out prompts are generated greedily with the base model and
 /// with the written PEFT adapter attached to a freshly loaded base, and both are scored by exact match.
 /// </summary>
