@@ -131,7 +131,7 @@ public static class DemoLlm
             ["model"] = new JsonObject
             {
                 ["type"] = "BPE", ["dropout"] = null, ["unk_token"] = null, ["continuing_subword_prefix"] = null, ["end_of_word_suffix"] = null,
-                ["fuse_unk"] = false, ["byte_fallback"] = false, ["ignore_merges"] = false,
+                ["fuse_unk"] = false, ["byte_fallback"] = false,
                 ["vocab"] = vocab,
                 ["merges"] = new JsonArray(merges.Select(m => (JsonNode)JsonValue.Create(m.A + " " + m.B)!).ToArray()),
             },
