@@ -135,10 +135,12 @@ public class QuickstartLlmTests(ITestOutputHelper output)
         // Every tensor present with the right shape (strict load), and the weights are trained, not the seed's init.
         using var model = LlamaCheckpoint.Load(dir, out var report);
         Assert.True(report.IsComplete, report.ToString());
-        using var init = new LlamaForCausalLM(config, init: WeightInit.Random, initStd: 0.02, generator: new TorchSharp.torch.Generator(1));
+        using var gen = new TorchSharp.torch.Generator(1);
+        using var init = new LlamaForCausalLM(config, init: WeightInit.Random, initStd: 0.02, generator: gen);
         using var w = model.Model.EmbedTokens.weight!.detach();
         using var w0 = init.Model.EmbedTokens.weight!.detach();
-        Assert.True(w.sub(w0).abs().max().item<float>() > 0.05, "the committed weights equal the random init");
+        using var diff = w.sub(w0).abs().max();
+        Assert.True(diff.item<float>() > 0.05, "the committed weights equal the random init");
     }
 
     [Fact]
