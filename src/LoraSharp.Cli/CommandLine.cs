@@ -23,6 +23,7 @@ public static class CommandLine
         root.Subcommands.Add(Commands.MergeAdapterCommand.Create());
         root.Subcommands.Add(Commands.DemoCommand.Create());
         root.Subcommands.Add(Commands.QuickstartCommand.Create());
+        root.Subcommands.Add(Commands.QuickstartLlmCommand.Create());
         return root;
     }
 

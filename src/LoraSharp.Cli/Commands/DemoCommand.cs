@@ -17,6 +17,9 @@ public static class DemoCommand
         command.Subcommands.Add(PretrainImage());
         command.Subcommands.Add(Dataset());
         command.Subcommands.Add(Sample());
+        command.Subcommands.Add(DemoLlmCommand.InitLlm());
+        command.Subcommands.Add(DemoLlmCommand.PretrainLlm());
+        command.Subcommands.Add(DemoLlmCommand.LlmData());
         return command;
     }
 
