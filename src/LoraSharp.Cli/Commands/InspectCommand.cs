@@ -49,13 +49,21 @@ public static class InspectCommand
         string? checkpoint;
         try
         {
+            string? hfModel = null;
             if (Directory.Exists(path) && !File.Exists(Path.Combine(path, AdapterFile.PeftConfigName)))
             {
-                // A diffusers folder: describe its components (no single tensor file to list).
-                output.Write(StableDiffusionCheckpoint.Describe(path));
-                return 0;
+                if (!File.Exists(Path.Combine(path, "config.json")) || Directory.Exists(Path.Combine(path, "unet")))
+                {
+                    // A diffusers folder: describe its components (no single tensor file to list).
+                    output.Write(StableDiffusionCheckpoint.Describe(path));
+                    return 0;
+                }
+                // A Hugging Face model folder (config.json + weights): the configuration, then the (first) weight file.
+                hfModel = DescribeHfModelFolder(path);
             }
-            summary = Summarize(Directory.Exists(path) ? AdapterFile.Locate(path).TensorFile : path);
+            summary = Summarize(hfModel is not null ? LoraSharp.Models.Llama.LlamaCheckpoint.WeightFiles(path)[0]
+                : Directory.Exists(path) ? AdapterFile.Locate(path).TensorFile : path);
+            if (hfModel is not null && !json) output.Write(hfModel);
             adapter = summary.Tensors.Any(t => AdapterKeyParser.Parse(t.Key) is not null) ? AdapterSummary.Read(path) : null;
             checkpoint = adapter is null ? DescribeCheckpoint(summary.Path) : null;
         }
@@ -78,6 +86,25 @@ public static class InspectCommand
             if (checkpoint is not null) output.Write(checkpoint);
         }
         return 0;
+    }
+
+    /// <summary>config.json of a Hugging Face model folder (Llama-family fields when it is one), its weight files and tokenizer files.</summary>
+    static string DescribeHfModelFolder(string folder)
+    {
+        var sb = new System.Text.StringBuilder();
+        var configPath = Path.Combine(folder, "config.json");
+        var config = LoraSharp.Models.Llama.LlamaConfig.Load(configPath);
+        var weights = LoraSharp.Models.Llama.LlamaCheckpoint.WeightFiles(folder);
+        sb.AppendLine($"Hugging Face model folder {folder}");
+        sb.AppendLine($"  model_type {config.ModelType}: {config.NumHiddenLayers} layers, hidden {config.HiddenSize}, MLP {config.IntermediateSize}, " +
+                      $"{config.NumAttentionHeads} heads / {config.NumKeyValueHeads} key-value heads (head dim {config.HeadDim}), vocabulary {config.VocabSize}, " +
+                      $"{config.MaxPositionEmbeddings} positions, RoPE θ {config.RopeTheta.ToString(CultureInfo.InvariantCulture)}{(config.TieWordEmbeddings ? ", tied embeddings" : "")}");
+        sb.AppendLine($"  weights: {string.Join(", ", weights.Select(Path.GetFileName))}{(weights.Count > 1 ? " (tables below: the first shard)" : "")}");
+        var tokenizerFiles = new[] { "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "merges.txt", "generation_config.json" }
+            .Where(f => File.Exists(Path.Combine(folder, f))).ToList();
+        sb.AppendLine($"  tokenizer / generation files: {(tokenizerFiles.Count == 0 ? "none" : string.Join(", ", tokenizerFiles))}");
+        sb.AppendLine();
+        return sb.ToString();
     }
 
     sealed record DTypeStats(int Tensors, long Parameters, long Bytes);

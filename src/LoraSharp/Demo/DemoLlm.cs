@@ -72,21 +72,7 @@ public static class DemoLlm
         var b2u = ClipTokenizer.BuildByteToUnicode();
         var symbols = words.Distinct(StringComparer.Ordinal).OrderBy(w => w, StringComparer.Ordinal)
             .Select(w => Encoding.UTF8.GetBytes(w).Select(b => b2u[b]).ToList()).Where(s => s.Count > 1).ToList();
-        var merges = new List<(string, string)>();
-        while (true)
-        {
-            var counts = new Dictionary<(string, string), int>();
-            foreach (var s in symbols)
-                for (int i = 0; i + 1 < s.Count; i++)
-                    counts[(s[i], s[i + 1])] = counts.GetValueOrDefault((s[i], s[i + 1])) + 1;
-            if (counts.Count == 0) break;
-            var best = counts.OrderByDescending(kv => kv.Value).ThenBy(kv => kv.Key.Item1, StringComparer.Ordinal).ThenBy(kv => kv.Key.Item2, StringComparer.Ordinal).First().Key;
-            merges.Add(best);
-            foreach (var s in symbols)
-                for (int i = 0; i + 1 < s.Count; i++)
-                    if (s[i] == best.Item1 && s[i + 1] == best.Item2) { s[i] += s[i + 1]; s.RemoveAt(i + 1); }
-        }
-        return merges;
+        return DemoTokenizer.LearnMergesOfSymbols(symbols);
     }
 
     /// <summary>The pre-tokens the demo tokenizer makes single tokens: every vocabulary word with and without a leading space, and the chat roles.</summary>

@@ -24,6 +24,15 @@ public static class DemoTokenizer
             chars[^1] += EndOfWord;
             return chars;
         }).Where(s => s.Count > 0).ToList();
+        return LearnMergesOfSymbols(symbols);
+    }
+
+    /// <summary>
+    /// Greedy BPE on whole words: repeatedly merges the most frequent adjacent pair (ties: ordinal order) until every
+    /// word is one symbol; <paramref name="symbols"/> (one list of symbols per word) is consumed. Deterministic.
+    /// </summary>
+    internal static List<(string A, string B)> LearnMergesOfSymbols(List<List<string>> symbols)
+    {
         var merges = new List<(string, string)>();
         while (true)
         {

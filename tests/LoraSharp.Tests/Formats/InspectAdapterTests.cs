@@ -55,4 +55,18 @@ public class InspectAdapterTests
         Assert.Equal(0, code);
         Assert.Contains("Layout: diffusers folder", output);
     }
+
+    [Fact]
+    public void Hugging_face_model_folder_shows_its_config_weights_and_tokenizer_files()
+    {
+        var folder = FormatsFixtures.LlmPath("model");
+        var (code, output, err) = Inspect(folder);
+        Assert.True(code == 0, err);
+        var config = LoraSharp.Models.Llama.LlamaConfig.Load(Path.Combine(folder, "config.json"));
+        Assert.Contains("Hugging Face model folder", output);
+        Assert.Contains($"{config.NumHiddenLayers} layers, hidden {config.HiddenSize}", output);
+        Assert.Contains("weights: model.safetensors", output);
+        Assert.Contains("tokenizer.model", output);
+        Assert.Contains("model.layers.0.", output); // the weight file's tensor table follows
+    }
 }
