@@ -92,13 +92,14 @@ public static class DemoCommand
         var count = new Option<int>("--count") { Description = "Images. Default: 24.", DefaultValueFactory = _ => 24 };
         var repeats = new Option<int>("--repeats") { Description = "kohya repeats in the folder name. Default: 10.", DefaultValueFactory = _ => 10 };
         var seed = new Option<int>("--seed") { Description = "Seed. Default: 7.", DefaultValueFactory = _ => 7 };
-        var cmd = new Command("dataset", "Draw a kohya-style captioned folder of demo scenes.") { output, shape, words, count, repeats, seed };
+        var position = new Option<string?>("--position") { Description = "Draw every scene at this position (center, top, bottom, left, right). Default: random." };
+        var cmd = new Command("dataset", "Draw a kohya-style captioned folder of demo scenes.") { output, shape, words, count, repeats, seed, position };
         cmd.SetAction(r => CliErrors.Run(() =>
         {
             var name = r.GetValue(shape)!;
             if (!Enum.TryParse<DemoShape>(name, ignoreCase: true, out var s))
                 throw new LoraSharpException($"unknown shape '{name}' (expected circle, square, triangle or star)", key: "--shape");
-            var folder = ShapeScenes.WriteKohyaFolder(r.GetValue(output)!, r.GetValue(repeats), r.GetValue(words)!, r.GetValue(words)!, s, r.GetValue(count), DemoModel.ImageSize, r.GetValue(seed));
+            var folder = ShapeScenes.WriteKohyaFolder(r.GetValue(output)!, r.GetValue(repeats), r.GetValue(words)!, r.GetValue(words)!, s, r.GetValue(count), DemoModel.ImageSize, r.GetValue(seed), r.GetValue(position));
             AnsiConsole.MarkupLine($"wrote {r.GetValue(count)} images with captions to [green]{Markup.Escape(folder)}[/]");
             return 0;
         }));
@@ -112,7 +113,8 @@ public static class DemoCommand
         var prompts = new Option<string[]>("--prompt") { Description = "Prompt (repeatable). Default: one prompt per shape, including the held-out star.", AllowMultipleArgumentsPerToken = false };
         var seeds = new Option<int>("--seeds") { Description = "Seeds per prompt. Default: 6.", DefaultValueFactory = _ => 6 };
         var threads = new Option<int>("--threads") { Description = "Torch CPU threads (0 = libtorch's default). Default: 0.", DefaultValueFactory = _ => 0 };
-        var cmd = new Command("sample", "Generate a grid with the demo model, read each image with the star detector, and check the VAE on drawn shapes.") { model, output, prompts, seeds, threads };
+        var loraDir = new Option<string?>("--lora-dir") { Description = "Folder of LoRAs the prompts may use with <lora:NAME:WEIGHT>." };
+        var cmd = new Command("sample", "Generate a grid with the demo model, read each image with the star detector, and check the VAE on drawn shapes.") { model, output, prompts, seeds, threads, loraDir };
         cmd.SetAction(r => CliErrors.Run(() =>
         {
             if (r.GetValue(threads) > 0) TorchSharp.torch.set_num_threads(r.GetValue(threads));
@@ -123,7 +125,7 @@ public static class DemoCommand
                 "a yellow star on a blue background, center", "a yellow sks star on a blue background, center",
             };
             int n = r.GetValue(seeds);
-            using var pipeline = LoraSharp.Diffusion.Txt2ImgPipeline.Load(r.GetValue(model)!);
+            using var pipeline = LoraSharp.Diffusion.Txt2ImgPipeline.Load(r.GetValue(model)!, new LoraSharp.Diffusion.Txt2ImgLoadOptions { LoraFolder = r.GetValue(loraDir) });
             var images = DemoChecks.Generate(pipeline, list, n);
             var table = new Table().AddColumns("prompt", "stars", "shapes found", "solidity / lobes (per seed)");
             for (int p = 0; p < list.Length; p++)

@@ -19,9 +19,12 @@ public static class QuickstartCommand
         var steps = new Option<int?>("--steps") { Description = "Override max_train_steps of the TOML." };
         var seeds = new Option<int>("--seeds") { Description = "Seeds per evaluation prompt (4 prompts). Default: 6.", DefaultValueFactory = _ => 6 };
         var threads = new Option<int>("--threads") { Description = "Torch CPU threads (0 = libtorch's default; 1 is much faster on a crowded machine). Default: 0.", DefaultValueFactory = _ => 0 };
+        var cfg = new Option<double>("--cfg") { Description = "CFG scale of the evaluation images. Default: 5.", DefaultValueFactory = _ => 5 };
+        var prompts = new Option<string[]>("--prompt") { Description = "Evaluation prompt (repeatable; the LoRA arm appends <lora:NAME:1>). Default: four scenes with the trigger \"sks star\"." };
+        var lora = new Option<string?>("--lora") { Description = "Evaluate this adapter file instead of training one." };
         var command = new Command("quickstart", "Train a LoRA that teaches the built-in demo model a new shape, then compare base and LoRA images.")
         {
-            config, root, output, steps, seeds, threads,
+            config, root, output, steps, seeds, threads, cfg, lora, prompts,
         };
         command.SetAction(r => CliErrors.Run(() =>
         {
@@ -29,6 +32,8 @@ public static class QuickstartCommand
             return Run(new QuickstartOptions
             {
                 ConfigPath = r.GetValue(config)!, Root = r.GetValue(root), OutputDir = r.GetValue(output), MaxTrainSteps = r.GetValue(steps), SeedsPerPrompt = r.GetValue(seeds),
+                CfgScale = r.GetValue(cfg), AdapterPath = r.GetValue(lora),
+                Prompts = r.GetValue(prompts) is { Length: > 0 } given ? given : null,
             });
         }));
         return command;
@@ -36,7 +41,7 @@ public static class QuickstartCommand
 
     public static int Run(QuickstartOptions options)
     {
-        AnsiConsole.MarkupLine("[bold]LoraSharp quickstart[/]: the demo model ([grey]models/demo/demo-sd.safetensors[/], SD 1.x architecture, 32×32) never saw a star. " +
+        AnsiConsole.MarkupLine("[bold]LoraSharp quickstart[/]: the demo model ([grey]models/demo/demo-sd.safetensors[/], SD 1.x architecture, 64×64) never saw a star. " +
                                "A LoRA trained on 24 captioned images ([grey]examples/quickstart/train/10_sks star[/]) teaches it one.");
         var qs = new Quickstart(options, line => AnsiConsole.MarkupLine("[grey]" + Markup.Escape(line) + "[/]"));
         QuickstartResult? result = null;

@@ -18,6 +18,10 @@ public sealed record QuickstartOptions
     public int? MaxTrainSteps { get; init; }
     public int SeedsPerPrompt { get; init; } = 6;
     public IReadOnlyList<string>? Prompts { get; init; }
+    /// <summary>Classifier-free guidance scale of the evaluation images (both arms).</summary>
+    public double CfgScale { get; init; } = 5;
+    /// <summary>Evaluate this existing adapter file instead of training one (the TOML still gives the model and output folder).</summary>
+    public string? AdapterPath { get; init; }
 }
 
 /// <summary>What the quickstart did.</summary>
@@ -75,11 +79,20 @@ public sealed class Quickstart(QuickstartOptions options, Action<string>? log = 
         }
         Directory.CreateDirectory(config.OutputDir);
 
-        // ---- train
+        // ---- train (or take the given adapter)
         var sw = Stopwatch.StartNew();
         SdTrainResult trained;
-        using (var trainer = new SdTrainer(config, _log))
+        if (options.AdapterPath is { } given)
         {
+            given = Path.GetFullPath(given);
+            if (!File.Exists(given)) throw new LoraSharpException("adapter file not found", given);
+            var copy = Path.Combine(config.OutputDir, Path.GetFileName(given));
+            if (!string.Equals(copy, given, StringComparison.Ordinal)) File.Copy(given, copy, overwrite: true);
+            trained = new SdTrainResult { AdapterPath = copy, SavedAdapters = [copy], SampleImages = [], Losses = [], Steps = 0, Epochs = 0, SecondsPerStep = 0 };
+        }
+        else
+        {
+            using var trainer = new SdTrainer(config, _log);
             trainer.Progress += p => TrainProgress?.Invoke(p);
             trained = trainer.Train(cancel);
         }
@@ -94,7 +107,7 @@ public sealed class Quickstart(QuickstartOptions options, Action<string>? log = 
             LoraFolder = config.OutputDir,
         });
         var prompts = options.Prompts ?? ConceptEval.DefaultPrompts();
-        using var comparison = ConceptEval.Compare(pipeline, loraName, prompts, options.SeedsPerPrompt, progress: (d, t) => EvalProgress?.Invoke(d, t));
+        using var comparison = ConceptEval.Compare(pipeline, loraName, prompts, options.SeedsPerPrompt, cfg: options.CfgScale, progress: (d, t) => EvalProgress?.Invoke(d, t));
         var gridPath = Path.Combine(config.OutputDir, "quickstart_grid.png");
         using (var grid = comparison.Grid())
             PngImage.Save(grid, gridPath);

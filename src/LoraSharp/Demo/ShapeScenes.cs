@@ -66,9 +66,14 @@ public static class ShapeScenes
             .Concat(Positions.Keys.SelectMany(p => p.Split(' ')))
             .Distinct(StringComparer.Ordinal);
 
-    /// <summary>A random scene of <paramref name="shape"/> (shape colour and background always differ in hue).</summary>
-    public static ShapeScene Random(Random rng, DemoShape shape)
+    /// <summary>
+    /// A random scene of <paramref name="shape"/> (shape colour and background always differ in hue); a given
+    /// <paramref name="position"/> replaces the random one (the random draws are the same either way).
+    /// </summary>
+    public static ShapeScene Random(Random rng, DemoShape shape, string? position = null)
     {
+        if (position is not null && !Positions.ContainsKey(position))
+            throw new ArgumentException($"unknown position '{position}'; expected one of {string.Join(", ", Positions.Keys)}", nameof(position));
         var colours = Colours.Keys.ToArray();
         var colour = colours[rng.Next(colours.Length)];
         var backs = Backgrounds.Keys.Where(b => b != colour).ToArray();
@@ -78,7 +83,7 @@ public static class ShapeScenes
         float size = 0.62f + 0.08f * (float)rng.NextDouble();
         float jx = (float)(rng.NextDouble() - 0.5) * 0.04f, jy = (float)(rng.NextDouble() - 0.5) * 0.04f;
         float rot = (float)(rng.NextDouble() - 0.5) * 20f;
-        return new ShapeScene(shape, colour, back, pos, size, jx, jy, rot);
+        return new ShapeScene(shape, colour, back, position ?? pos, size, jx, jy, rot);
     }
 
     /// <summary>A random scene whose shape is one of <paramref name="shapes"/>.</summary>
@@ -193,14 +198,14 @@ public static class ShapeScenes
     /// Writes a kohya training folder: <c>root/&lt;repeats&gt;_&lt;folderTokens&gt;/NNNN.png</c> + <c>NNNN.txt</c> captions with
     /// <paramref name="shapeWords"/> in place of the shape name. Returns the concept folder.
     /// </summary>
-    public static string WriteKohyaFolder(string root, int repeats, string folderTokens, string shapeWords, DemoShape shape, int count, int size, int seed)
+    public static string WriteKohyaFolder(string root, int repeats, string folderTokens, string shapeWords, DemoShape shape, int count, int size, int seed, string? position = null)
     {
         var folder = Path.Combine(root, $"{repeats.ToString(CultureInfo.InvariantCulture)}_{folderTokens}");
         Directory.CreateDirectory(folder);
         var rng = new Random(seed);
         for (int i = 0; i < count; i++)
         {
-            var scene = Random(rng, shape);
+            var scene = Random(rng, shape, position);
             using var bmp = Render(scene, size);
             var name = Path.Combine(folder, i.ToString("0000", CultureInfo.InvariantCulture));
             Imaging.PngImage.Save(bmp, name + ".png");
