@@ -42,7 +42,7 @@ public static class QuickstartCommand
     public static int Run(QuickstartOptions options)
     {
         AnsiConsole.MarkupLine("[bold]LoraSharp quickstart[/]: the demo model ([grey]models/demo/demo-sd.safetensors[/], SD 1.x architecture, 64×64) never saw a star. " +
-                               "A LoRA trained on 24 captioned images ([grey]examples/quickstart/train/10_sks star[/]) teaches it one.");
+                               "A LoRA trained on 64 captioned images ([grey]examples/quickstart/train/10_sks star[/]) teaches it one.");
         var qs = new Quickstart(options, line => AnsiConsole.MarkupLine("[grey]" + Markup.Escape(line) + "[/]"));
         QuickstartResult? result = null;
         AnsiConsole.Progress()

@@ -75,7 +75,7 @@ public sealed class Quickstart(QuickstartOptions options, Action<string>? log = 
         if (!Directory.Exists(config.TrainDataDir) || !Directory.EnumerateFiles(config.TrainDataDir, "*.png", SearchOption.AllDirectories).Any())
         {
             _log($"drawing the training set into {config.TrainDataDir}");
-            ShapeScenes.WriteKohyaFolder(config.TrainDataDir, 10, "sks star", "sks star", DemoShape.Star, 24, DemoModel.ImageSize, 7);
+            ShapeScenes.WriteKohyaFolder(config.TrainDataDir, 10, "sks star", "sks star", DemoShape.Star, 64, DemoModel.ImageSize, 7);
         }
         Directory.CreateDirectory(config.OutputDir);
 

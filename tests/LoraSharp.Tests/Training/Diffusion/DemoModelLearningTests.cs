@@ -109,10 +109,10 @@ public class DemoModelLearningTests
             network_module = "networks.lora"
             network_dim = 8
             network_alpha = 8
-            learning_rate = 1e-2
+            learning_rate = 4e-3
             optimizer_type = "AdamW"
             lr_scheduler = "constant"
-            max_train_steps = 80
+            max_train_steps = 300
             train_batch_size = 4
             seed = 5
             cache_latents = true
