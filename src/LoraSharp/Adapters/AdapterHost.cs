@@ -192,10 +192,9 @@ public sealed class AdapterHost : IDisposable
     public AdapterMode Mode => _mode;
 
     /// <summary>
-    /// Unmerged mode: adapters add their output into the base module's output tensor in place (default) instead of into
-    /// a copy — one output-sized allocation and memory pass less per adapted module and step. Safe for Linear and
-    /// Conv2d (their backward does not read their output); turn it off if other code keeps a reference to a module's
-    /// raw output (e.g. another forward hook registered before the adapters that stores it).
+    /// Unmerged inference (no autograd): adapters add their output into the base module's output tensor in place
+    /// (default) instead of into a copy — one output-sized allocation and memory pass less per adapted module. Turn it
+    /// off if other code keeps a reference to a module's raw output (e.g. another forward hook that stores it).
     /// </summary>
     public bool InPlaceAccumulation { get; set; } = true;
 
@@ -435,9 +434,10 @@ public sealed class AdapterHost : IDisposable
     {
         if (s.Entries.Count == 0) return y;
         Tensor? result = null;
-        // The base output of a Linear/Conv2d is not saved for its backward, so adapters may accumulate into it in place —
-        // unless one of them (DoRA) reads the base output itself.
-        bool inPlace = InPlaceAccumulation && !s.Entries.Any(e => e.Adapter.Dora != DoraKind.None);
+        // Without autograd (inference) adapters accumulate into the base output in place — unless one of them (DoRA)
+        // reads the base output itself. With autograd the output may be a view made by another hook's custom Function
+        // (e.g. QLoRA's weight refill), which autograd forbids modifying in place; it saved nothing measurable there anyway.
+        bool inPlace = InPlaceAccumulation && !y.requires_grad && !s.Entries.Any(e => e.Adapter.Dora != DoraKind.None);
         using (var scope = NewDisposeScope())
         {
             foreach (var (owner, a) in s.Entries)
