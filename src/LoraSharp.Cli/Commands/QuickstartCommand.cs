@@ -19,12 +19,14 @@ public static class QuickstartCommand
         var steps = new Option<int?>("--steps") { Description = "Override max_train_steps of the TOML." };
         var seeds = new Option<int>("--seeds") { Description = "Seeds per evaluation prompt (4 prompts). Default: 6.", DefaultValueFactory = _ => 6 };
         var threads = new Option<int>("--threads") { Description = "Torch CPU threads (0 = libtorch's default; 1 is much faster on a crowded machine). Default: 0.", DefaultValueFactory = _ => 0 };
+        var sampler = new Option<string>("--sampler") { Description = "Sampler of the evaluation images (A1111 name). Default: DDIM.", DefaultValueFactory = _ => "DDIM" };
+        var sampleSteps = new Option<int>("--sample-steps") { Description = "Sampling steps of the evaluation images. Default: 25.", DefaultValueFactory = _ => 25 };
         var cfg = new Option<double>("--cfg") { Description = "CFG scale of the evaluation images. Default: 5.", DefaultValueFactory = _ => 5 };
         var prompts = new Option<string[]>("--prompt") { Description = "Evaluation prompt (repeatable; the LoRA arm appends <lora:NAME:1>). Default: four scenes with the trigger \"sks star\"." };
         var lora = new Option<string?>("--lora") { Description = "Evaluate this adapter file instead of training one." };
         var command = new Command("quickstart", "Train a LoRA that teaches the built-in demo model a new shape, then compare base and LoRA images.")
         {
-            config, root, output, steps, seeds, threads, cfg, lora, prompts,
+            config, root, output, steps, seeds, threads, cfg, lora, prompts, sampler, sampleSteps,
         };
         command.SetAction(r => CliErrors.Run(() =>
         {
@@ -32,7 +34,7 @@ public static class QuickstartCommand
             return Run(new QuickstartOptions
             {
                 ConfigPath = r.GetValue(config)!, Root = r.GetValue(root), OutputDir = r.GetValue(output), MaxTrainSteps = r.GetValue(steps), SeedsPerPrompt = r.GetValue(seeds),
-                CfgScale = r.GetValue(cfg), AdapterPath = r.GetValue(lora),
+                CfgScale = r.GetValue(cfg), AdapterPath = r.GetValue(lora), Sampler = r.GetValue(sampler)!, SampleSteps = r.GetValue(sampleSteps),
                 Prompts = r.GetValue(prompts) is { Length: > 0 } given ? given : null,
             });
         }));

@@ -20,6 +20,9 @@ public sealed record QuickstartOptions
     public IReadOnlyList<string>? Prompts { get; init; }
     /// <summary>Classifier-free guidance scale of the evaluation images (both arms).</summary>
     public double CfgScale { get; init; } = 5;
+    /// <summary>Sampler (A1111 name) and steps of the evaluation images.</summary>
+    public string Sampler { get; init; } = "DDIM";
+    public int SampleSteps { get; init; } = 25;
     /// <summary>Evaluate this existing adapter file instead of training one (the TOML still gives the model and output folder).</summary>
     public string? AdapterPath { get; init; }
 }
@@ -107,7 +110,7 @@ public sealed class Quickstart(QuickstartOptions options, Action<string>? log = 
             LoraFolder = config.OutputDir,
         });
         var prompts = options.Prompts ?? ConceptEval.DefaultPrompts();
-        using var comparison = ConceptEval.Compare(pipeline, loraName, prompts, options.SeedsPerPrompt, cfg: options.CfgScale, progress: (d, t) => EvalProgress?.Invoke(d, t));
+        using var comparison = ConceptEval.Compare(pipeline, loraName, prompts, options.SeedsPerPrompt, steps: options.SampleSteps, cfg: options.CfgScale, sampler: options.Sampler, progress: (d, t) => EvalProgress?.Invoke(d, t));
         var gridPath = Path.Combine(config.OutputDir, "quickstart_grid.png");
         using (var grid = comparison.Grid())
             PngImage.Save(grid, gridPath);
