@@ -74,4 +74,21 @@ public class ConvertTests
         Assert.Equal(2, Cli("convert", FormatsFixtures.SdPath("lora/kohya_lora.safetensors"), tmp.File("x.safetensors"), "--to", "diffusers"));
         Assert.Contains("--model", LastError);
     }
+
+    [Fact]
+    public void Convert_resolves_kohya_names_through_a_single_file_sd_checkpoint_as_through_its_diffusers_folder()
+    {
+        using var tmp = new TempDir();
+        var lora = FormatsFixtures.SdPath("lora/kohya_lora.safetensors");
+        var fromFile = LoraSharp.Cli.Commands.ConvertCommand.Run(lora, tmp.File("a.safetensors"), AdapterLayout.Diffusers,
+            FormatsFixtures.SdPath("model/tiny_sd15.safetensors"), lenient: false, dtype: null);
+        var fromFolder = LoraSharp.Cli.Commands.ConvertCommand.Run(lora, tmp.File("b.safetensors"), AdapterLayout.Diffusers,
+            FormatsFixtures.SdPath("model/diffusers"), lenient: false, dtype: null);
+        Assert.True(fromFile.Modules > 0);
+        Assert.Equal(0, fromFile.Coverage.UnmatchedCount);
+        Assert.Equal(fromFolder.Modules, fromFile.Modules);
+        using var a = SafetensorsFile.Open(tmp.File("a.safetensors"));
+        using var b = SafetensorsFile.Open(tmp.File("b.safetensors"));
+        Assert.Equal(b.Keys.Order(StringComparer.Ordinal), a.Keys.Order(StringComparer.Ordinal));
+    }
 }
