@@ -17,7 +17,7 @@ namespace LoraSharp.Bench;
 /// multiplier change reuses the fp32 cache), relative to one forward pass of those 100 layers at 1024 tokens.
 /// Ratios are of medians; "best-of" ratios (fastest run each) are printed too, as they are less sensitive to other
 /// load on a shared machine. Options: --reps N (default 5), --blocks N (default 1), --tokens N (default 1024), --layers N (default 100), --threads N,
-/// --copy-accumulation (adapters add into a copy of the base output instead of in place, to compare).
+/// --copy-accumulation (unmerged inference adds into a copy of the base output instead of in place, to compare).
 /// </summary>
 public static class AdaptersBenchmark
 {
@@ -98,7 +98,7 @@ public static class AdaptersBenchmark
         host.FreezeBase();
         var lora = host.Create("lora", new AdapterConfig { Rank = 16, Alpha = 16 }, ModuleSelector.All());
         using (no_grad()) foreach (var p in host.TrainableParameters()) p.normal_(0, 0.01); // non-zero up: real work
-        Console.WriteLine($"  LoRA on {lora.Modules.Count} Linear modules, {host.TrainableParameters().Sum(p => p.numel()):N0} trainable parameters, accumulation {(host.InPlaceAccumulation ? "in place" : "into a copy")}");
+        Console.WriteLine($"  LoRA on {lora.Modules.Count} Linear modules, {host.TrainableParameters().Sum(p => p.numel()):N0} trainable parameters, unmerged inference accumulates {(host.InPlaceAccumulation ? "in place" : "into a copy")}");
         var x = randn(1, tokens, hidden);
 
         void TrainStep(nn.Module<Tensor, Tensor> m)

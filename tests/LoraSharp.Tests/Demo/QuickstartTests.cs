@@ -39,6 +39,14 @@ public class QuickstartTests(ITestOutputHelper output)
             Assert.True(r.Base.Stars <= 1, $"the base model drew stars: {r.Base}");
             Assert.True(r.Lora.Stars >= 6, $"the LoRA did not teach the star: {r.Lora}");
             Assert.True(r.MeanAbsoluteDifference > 0.1, $"the LoRA barely changed the images (mean |Δ| {r.MeanAbsoluteDifference})");
+
+            // --lora FILE: the same evaluation of an existing adapter, without training, reads the same images
+            using var dir2 = new TempDir();
+            var again = new Quickstart(new QuickstartOptions { Root = Quickstart.FindRoot(), OutputDir = dir2.Path, SeedsPerPrompt = 6, AdapterPath = r.AdapterPath }, output.WriteLine).Run();
+            Assert.Equal(0, again.Steps);
+            Assert.Equal(r.Base, again.Base);
+            Assert.Equal(r.Lora, again.Lora);
+            Assert.Equal(r.MeanAbsoluteDifference, again.MeanAbsoluteDifference, 6);
         }
         finally
         {
