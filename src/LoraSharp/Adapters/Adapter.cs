@@ -213,9 +213,9 @@ public abstract class Adapter : nn.Module
     /// <summary>
     /// Unmerged mode: the running output <paramref name="accumulated"/> (base output plus earlier adapters) with this
     /// adapter added; null when skipped (module dropout). <paramref name="baseOutput"/> is the base module's own output.
-    /// With <paramref name="inPlace"/> the sum is written into <paramref name="accumulated"/> (the caller guarantees that
-    /// nothing else reads it: a Linear/Conv2d output is not saved for its own backward, and no later adapter needs the
-    /// base output) — one output-sized allocation and copy less per adapted module.
+    /// With <paramref name="inPlace"/> the sum is written into <paramref name="accumulated"/>: the caller guarantees that
+    /// nothing else reads it and that no autograd graph records it (AdapterHost does this only without autograd and when
+    /// no adapter needs the base output) — one output-sized allocation and copy less per adapted module.
     /// </summary>
     public virtual Tensor? AddTo(Tensor accumulated, Tensor x, Tensor baseOutput, Tensor baseWeight, Tensor? baseBias, double multiplier, bool training, bool inPlace = false)
     {
