@@ -310,6 +310,39 @@ public abstract class UNetDownBlock(string name) : nn.Module<Tensor, Tensor, Ten
 {
     /// <summary>Children are registered explicitly under checkpoint names; TorchSharp's field-based registration would add them again under the C# field names.</summary>
     protected override void RegisterComponents() { }
+
+    /// <summary><c>layers_per_block</c> resnets: the first from <paramref name="inCh"/>, the rest from <paramref name="outCh"/>.</summary>
+    protected static ModuleList<ResnetBlock2D> Resnets(UNetConfig c, int level, int inCh, int outCh, Device? device, ScalarType? dtype) =>
+        nn.ModuleList(Enumerable.Range(0, c.LayersPerBlock[level])
+            .Select(j => new ResnetBlock2D(j == 0 ? inCh : outCh, outCh, c.TimeEmbedDim, c.NormNumGroups, c.NormEps, 1.0, device, dtype)).ToArray());
+
+    /// <summary>Registers <c>downsamplers.0</c> when the block has one.</summary>
+    protected ModuleList<Downsample2D>? Downsamplers(UNetConfig c, int outCh, bool add, Device? device, ScalarType? dtype)
+    {
+        if (!add) return null;
+        var list = nn.ModuleList(new Downsample2D(outCh, outCh, c.DownsamplePadding, device, dtype));
+        register_module("downsamplers", list);
+        return list;
+    }
+
+    /// <summary>Each resnet (followed by its attention when there are any), every output kept, then the downsampler.</summary>
+    protected static DownBlockOutput Run(Tensor h, Tensor temb, Tensor ehs, ModuleList<ResnetBlock2D> resnets,
+        ModuleList<Transformer2DModel>? attentions, ModuleList<Downsample2D>? downsamplers)
+    {
+        var outputs = new List<Tensor>();
+        for (int j = 0; j < resnets.Count; j++)
+        {
+            h = resnets[j].call(h, temb);
+            if (attentions is not null) h = attentions[j].call(h, ehs);
+            outputs.Add(h);
+        }
+        if (downsamplers is not null)
+        {
+            h = downsamplers[0].call(h);
+            outputs.Add(h);
+        }
+        return new DownBlockOutput(h, outputs);
+    }
 }
 
 /// <summary>An up block: (hidden, context) → hidden.</summary>
@@ -319,6 +352,51 @@ public abstract class UNetUpBlock(string name) : nn.Module<Tensor, UpBlockContex
     protected override void RegisterComponents() { }
 
     public abstract int ResnetCount { get; }
+
+    /// <summary><c>layers_per_block + 1</c> resnets over the hidden state concatenated with a skip.</summary>
+    protected static ModuleList<ResnetBlock2D> Resnets(UNetConfig c, int level, int inCh, int outCh, int prevOutCh, Device? device, ScalarType? dtype)
+    {
+        int layers = c.LayersPerBlock[level] + 1;
+        return nn.ModuleList(Enumerable.Range(0, layers).Select(j =>
+        {
+            int skipCh = j == layers - 1 ? inCh : outCh;
+            int resIn = j == 0 ? prevOutCh : outCh;
+            return new ResnetBlock2D(resIn + skipCh, outCh, c.TimeEmbedDim, c.NormNumGroups, c.NormEps, 1.0, device, dtype);
+        }).ToArray());
+    }
+
+    /// <summary>Registers <c>upsamplers.0</c> when the block has one.</summary>
+    protected ModuleList<Upsample2D>? Upsamplers(int outCh, bool add, Device? device, ScalarType? dtype)
+    {
+        if (!add) return null;
+        var list = nn.ModuleList(new Upsample2D(outCh, outCh, device, dtype));
+        register_module("upsamplers", list);
+        return list;
+    }
+
+    /// <summary>Each resnet over (hidden ‖ next skip), followed by its attention when there are any, then the upsampler.</summary>
+    protected static Tensor Run(Tensor h, UpBlockContext ctx, ModuleList<ResnetBlock2D> resnets, ModuleList<Transformer2DModel>? attentions,
+        ModuleList<Upsample2D>? upsamplers)
+    {
+        using var scope = NewDisposeScope();
+        for (int j = 0; j < resnets.Count; j++)
+        {
+            var skip = ctx.Skips[ctx.Skips.Count - 1 - j];
+            h = resnets[j].call(cat([h, skip], 1), ctx.Temb);
+            if (attentions is not null) h = attentions[j].call(h, ctx.EncoderHiddenStates);
+        }
+        if (upsamplers is not null)
+            h = upsamplers[0].call(h, ctx.UpsampleSize);
+        return h.MoveToOuterDisposeScope();
+    }
+}
+
+/// <summary>One Transformer2DModel per resnet of a block (<c>attentions.j</c>).</summary>
+static class BlockAttentions
+{
+    public static ModuleList<Transformer2DModel> Create(UNetConfig c, int level, int outCh, int count, Device? device, ScalarType? dtype) =>
+        nn.ModuleList(Enumerable.Range(0, count)
+            .Select(_ => new Transformer2DModel(c, outCh, c.AttentionHeads[level], c.TransformerLayersPerBlock[level], device, dtype)).ToArray());
 }
 
 /// <summary>diffusers DownBlock2D: <c>resnets</c>, optional <c>downsamplers.0</c>.</summary>
@@ -329,31 +407,12 @@ public sealed class DownBlock2D : UNetDownBlock
 
     public DownBlock2D(UNetConfig c, int level, int inCh, int outCh, bool addDownsample, Device? device, ScalarType? dtype) : base(nameof(DownBlock2D))
     {
-        _resnets = nn.ModuleList(Enumerable.Range(0, c.LayersPerBlock[level])
-            .Select(j => new ResnetBlock2D(j == 0 ? inCh : outCh, outCh, c.TimeEmbedDim, c.NormNumGroups, c.NormEps, 1.0, device, dtype)).ToArray());
+        _resnets = Resnets(c, level, inCh, outCh, device, dtype);
         register_module("resnets", _resnets);
-        if (addDownsample)
-        {
-            _downsamplers = nn.ModuleList(new Downsample2D(outCh, outCh, c.DownsamplePadding, device, dtype));
-            register_module("downsamplers", _downsamplers);
-        }
+        _downsamplers = Downsamplers(c, outCh, addDownsample, device, dtype);
     }
 
-    public override DownBlockOutput forward(Tensor h, Tensor temb, Tensor ehs)
-    {
-        var outputs = new List<Tensor>();
-        foreach (var resnet in _resnets)
-        {
-            h = resnet.call(h, temb);
-            outputs.Add(h);
-        }
-        if (_downsamplers is not null)
-        {
-            h = _downsamplers[0].call(h);
-            outputs.Add(h);
-        }
-        return new DownBlockOutput(h, outputs);
-    }
+    public override DownBlockOutput forward(Tensor h, Tensor temb, Tensor ehs) => Run(h, temb, ehs, _resnets, null, _downsamplers);
 }
 
 /// <summary>diffusers CrossAttnDownBlock2D: <c>resnets.j</c> each followed by <c>attentions.j</c> (Transformer2DModel), optional <c>downsamplers.0</c>.</summary>
@@ -365,36 +424,14 @@ public sealed class CrossAttnDownBlock2D : UNetDownBlock
 
     public CrossAttnDownBlock2D(UNetConfig c, int level, int inCh, int outCh, bool addDownsample, Device? device, ScalarType? dtype) : base(nameof(CrossAttnDownBlock2D))
     {
-        int layers = c.LayersPerBlock[level];
-        _resnets = nn.ModuleList(Enumerable.Range(0, layers)
-            .Select(j => new ResnetBlock2D(j == 0 ? inCh : outCh, outCh, c.TimeEmbedDim, c.NormNumGroups, c.NormEps, 1.0, device, dtype)).ToArray());
-        _attentions = nn.ModuleList(Enumerable.Range(0, layers)
-            .Select(_ => new Transformer2DModel(c, outCh, c.AttentionHeads[level], c.TransformerLayersPerBlock[level], device, dtype)).ToArray());
+        _resnets = Resnets(c, level, inCh, outCh, device, dtype);
+        _attentions = BlockAttentions.Create(c, level, outCh, _resnets.Count, device, dtype);
         register_module("attentions", _attentions);
         register_module("resnets", _resnets);
-        if (addDownsample)
-        {
-            _downsamplers = nn.ModuleList(new Downsample2D(outCh, outCh, c.DownsamplePadding, device, dtype));
-            register_module("downsamplers", _downsamplers);
-        }
+        _downsamplers = Downsamplers(c, outCh, addDownsample, device, dtype);
     }
 
-    public override DownBlockOutput forward(Tensor h, Tensor temb, Tensor ehs)
-    {
-        var outputs = new List<Tensor>();
-        for (int j = 0; j < _resnets.Count; j++)
-        {
-            h = _resnets[j].call(h, temb);
-            h = _attentions[j].call(h, ehs);
-            outputs.Add(h);
-        }
-        if (_downsamplers is not null)
-        {
-            h = _downsamplers[0].call(h);
-            outputs.Add(h);
-        }
-        return new DownBlockOutput(h, outputs);
-    }
+    public override DownBlockOutput forward(Tensor h, Tensor temb, Tensor ehs) => Run(h, temb, ehs, _resnets, _attentions, _downsamplers);
 }
 
 /// <summary>diffusers UNetMidBlock2DCrossAttn: <c>resnets.0</c>, then (<c>attentions.k</c>, <c>resnets.k+1</c>).</summary>
@@ -437,35 +474,14 @@ public sealed class UpBlock2D : UNetUpBlock
 
     public UpBlock2D(UNetConfig c, int level, int inCh, int outCh, int prevOutCh, bool addUpsample, Device? device, ScalarType? dtype) : base(nameof(UpBlock2D))
     {
-        int layers = c.LayersPerBlock[level] + 1;
-        _resnets = nn.ModuleList(Enumerable.Range(0, layers).Select(j =>
-        {
-            int skipCh = j == layers - 1 ? inCh : outCh;
-            int resIn = j == 0 ? prevOutCh : outCh;
-            return new ResnetBlock2D(resIn + skipCh, outCh, c.TimeEmbedDim, c.NormNumGroups, c.NormEps, 1.0, device, dtype);
-        }).ToArray());
+        _resnets = Resnets(c, level, inCh, outCh, prevOutCh, device, dtype);
         register_module("resnets", _resnets);
-        if (addUpsample)
-        {
-            _upsamplers = nn.ModuleList(new Upsample2D(outCh, outCh, device, dtype));
-            register_module("upsamplers", _upsamplers);
-        }
+        _upsamplers = Upsamplers(outCh, addUpsample, device, dtype);
     }
 
     public override int ResnetCount => _resnets.Count;
 
-    public override Tensor forward(Tensor h, UpBlockContext ctx)
-    {
-        using var scope = NewDisposeScope();
-        for (int j = 0; j < _resnets.Count; j++)
-        {
-            var skip = ctx.Skips[ctx.Skips.Count - 1 - j];
-            h = _resnets[j].call(cat([h, skip], 1), ctx.Temb);
-        }
-        if (_upsamplers is not null)
-            h = _upsamplers[0].call(h, ctx.UpsampleSize);
-        return h.MoveToOuterDisposeScope();
-    }
+    public override Tensor forward(Tensor h, UpBlockContext ctx) => Run(h, ctx, _resnets, null, _upsamplers);
 }
 
 /// <summary>diffusers CrossAttnUpBlock2D: <c>resnets.j</c> (over concatenated skips) each followed by <c>attentions.j</c>, optional <c>upsamplers.0</c>.</summary>
@@ -477,39 +493,16 @@ public sealed class CrossAttnUpBlock2D : UNetUpBlock
 
     public CrossAttnUpBlock2D(UNetConfig c, int level, int inCh, int outCh, int prevOutCh, bool addUpsample, Device? device, ScalarType? dtype) : base(nameof(CrossAttnUpBlock2D))
     {
-        int layers = c.LayersPerBlock[level] + 1;
-        _resnets = nn.ModuleList(Enumerable.Range(0, layers).Select(j =>
-        {
-            int skipCh = j == layers - 1 ? inCh : outCh;
-            int resIn = j == 0 ? prevOutCh : outCh;
-            return new ResnetBlock2D(resIn + skipCh, outCh, c.TimeEmbedDim, c.NormNumGroups, c.NormEps, 1.0, device, dtype);
-        }).ToArray());
-        _attentions = nn.ModuleList(Enumerable.Range(0, layers)
-            .Select(_ => new Transformer2DModel(c, outCh, c.AttentionHeads[level], c.TransformerLayersPerBlock[level], device, dtype)).ToArray());
+        _resnets = Resnets(c, level, inCh, outCh, prevOutCh, device, dtype);
+        _attentions = BlockAttentions.Create(c, level, outCh, _resnets.Count, device, dtype);
         register_module("attentions", _attentions);
         register_module("resnets", _resnets);
-        if (addUpsample)
-        {
-            _upsamplers = nn.ModuleList(new Upsample2D(outCh, outCh, device, dtype));
-            register_module("upsamplers", _upsamplers);
-        }
+        _upsamplers = Upsamplers(outCh, addUpsample, device, dtype);
     }
 
     public override int ResnetCount => _resnets.Count;
 
-    public override Tensor forward(Tensor h, UpBlockContext ctx)
-    {
-        using var scope = NewDisposeScope();
-        for (int j = 0; j < _resnets.Count; j++)
-        {
-            var skip = ctx.Skips[ctx.Skips.Count - 1 - j];
-            h = _resnets[j].call(cat([h, skip], 1), ctx.Temb);
-            h = _attentions[j].call(h, ctx.EncoderHiddenStates);
-        }
-        if (_upsamplers is not null)
-            h = _upsamplers[0].call(h, ctx.UpsampleSize);
-        return h.MoveToOuterDisposeScope();
-    }
+    public override Tensor forward(Tensor h, UpBlockContext ctx) => Run(h, ctx, _resnets, _attentions, _upsamplers);
 }
 
 /// <summary>
