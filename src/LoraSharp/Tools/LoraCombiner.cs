@@ -295,16 +295,7 @@ public static class LoraCombiner
             using var svd = LowRank.Svd(m, k, o.SvdMethod, o.Seed);
             (u, s, vh) = (svd.U.alias(), svd.S.alias(), svd.Vh.alias());
         }
-        long have = s.shape[0];
-        long take = Math.Min(k, have);
-        var up = u[.., ..(int)take].mul(s[..(int)take].unsqueeze(0));
-        var down = vh[..(int)take];
-        if (take < k)
-        {
-            // More rank than the sum has: zero directions (B@A unchanged).
-            up = cat([up, zeros(outF, k - take)], 1);
-            down = cat([down, zeros(k - take, fanIn)], 0);
-        }
+        var (up, down) = LowRank.Factors(u, s, vh, k); // more rank than the sum has: zero directions
         up = up.contiguous();
         down = down.contiguous();
         double? clamp = o.ClampQuantile ?? (kohya ? 0.99 : null);

@@ -144,15 +144,7 @@ public static class LoraResizer
         }
         var sv = s.to_type(ScalarType.Float64).data<double>().ToArray();
         int k = (int)Math.Min(LowRank.ChooseRank(sv, full, maxRank, o.Dynamic, o.DynamicValue), full);
-        long have = s.shape[0];
-        long take = Math.Min(k, have);
-        var up = u[.., ..(int)take].mul(s[..(int)take].unsqueeze(0));
-        var down = vh[..(int)take];
-        if (take < k)
-        {
-            up = cat([up, zeros(outF, k - take)], 1);
-            down = cat([down, zeros(k - take, fanIn)], 0);
-        }
+        var (up, down) = LowRank.Factors(u, s, vh, k);
         var (sumKept, froKept, ratio) = LowRank.Retained(sv, k);
         report = new ResizeModuleReport(m.ModulePath, (int)r, k, sumKept, froKept, ratio);
         if (conv)

@@ -143,6 +143,23 @@ public static class LowRank
     }
 
     /// <summary>
+    /// LoRA factors of rank <paramref name="rank"/> from an SVD: up = U[:, :k]·diag(S[:k]) [out, rank], down = Vh[:k]
+    /// [rank, in]; when the SVD has fewer than <paramref name="rank"/> directions the rest are zero (up·down unchanged).
+    /// </summary>
+    public static (Tensor Up, Tensor Down) Factors(Tensor u, Tensor s, Tensor vh, long rank)
+    {
+        long take = Math.Min(rank, s.shape[0]);
+        var up = u[.., ..(int)take].mul(s[..(int)take].unsqueeze(0));
+        var down = vh[..(int)take];
+        if (take < rank)
+        {
+            up = cat([up, zeros(u.shape[0], rank - take, dtype: up.dtype, device: up.device)], 1);
+            down = cat([down, zeros(rank - take, vh.shape[1], dtype: down.dtype, device: down.device)], 0);
+        }
+        return (up, down);
+    }
+
+    /// <summary>
     /// The exact SVD of <c>left·right</c> (<c>[m, r]·[r, n]</c>) without forming the product: QR of both factors and
     /// the SVD of the r×r core. Returns all r singular triplets (zeros included), largest first.
     /// </summary>
