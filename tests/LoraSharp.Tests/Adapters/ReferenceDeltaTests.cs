@@ -110,17 +110,16 @@ public class ReferenceDeltaTests
         var m = SdManifest;
         var entry = m["loras"]!.AsArray().First(a => a!["name"]!.GetValue<string>() == name)!;
         var tol = m["tolerances"]![entry["tolerance_delta"]!.GetValue<string>()]!;
-        var unet = ReferenceTranslator.TreeFromWeights(ReferenceData.PathOf("sd", "model", "diffusers", "unet", "diffusion_pytorch_model.safetensors"));
-        var te = ReferenceTranslator.TreeFromWeights(ReferenceData.PathOf("sd", "model", "diffusers", "text_encoder", "model.safetensors"),
-            p => !p.Contains("embeddings."));
-        var root = Build([("unet", unet), ("text_encoder", te)]);
+        var root = SdReferenceTree();
         using var host = new AdapterHost(root);
         string file = ReferenceData.PathOf("sd", entry["file"]!.GetValue<string>());
         string layout = entry["layout"]!.GetValue<string>();
-        static IEnumerable<string> Adaptable(nn.Module t) => t.named_modules().Where(x => x.module is Linear or Conv2d).Select(x => x.name);
+        IEnumerable<string> Adaptable(string component) => root.named_modules()
+            .Where(x => x.module is Linear or Conv2d && x.name.StartsWith(component + ".", StringComparison.Ordinal))
+            .Select(x => x.name[(component.Length + 1)..]);
         using var weights = layout == "diffusers"
             ? ReferenceTranslator.ReadDiffusers(file, name)
-            : ReferenceTranslator.ReadKohya(file, name, Adaptable(unet), Adaptable(te));
+            : ReferenceTranslator.ReadKohya(file, name, Adaptable("unet"), Adaptable("text_encoder"));
         var attached = host.Attach(weights);
         Assert.Equal(entry["n_base_weights_changed"]!.GetValue<int>(), attached.Report.Attached.Count);
         using var refs = SafetensorsFile.Open(ReferenceData.PathOf("sd", entry["ref_file"]!.GetValue<string>()));
@@ -241,10 +240,7 @@ public class ReferenceDeltaTests
         var m = SdManifest;
         var entry = m["loras"]!.AsArray().First(a => a!["name"]!.GetValue<string>() == name)!;
         var tol = m["tolerances"]![entry["tolerance_delta"]!.GetValue<string>()]!;
-        var unet = ReferenceTranslator.TreeFromWeights(ReferenceData.PathOf("sd", "model", "diffusers", "unet", "diffusion_pytorch_model.safetensors"));
-        var te = ReferenceTranslator.TreeFromWeights(ReferenceData.PathOf("sd", "model", "diffusers", "text_encoder", "model.safetensors"),
-            p => !p.Contains("embeddings."));
-        var root = Build([("unet", unet), ("text_encoder", te)]);
+        var root = SdReferenceTree();
         using var host = new AdapterHost(root);
         using var read = AdapterFile.Read(ReferenceData.PathOf("sd", entry["file"]!.GetValue<string>()), ModuleIndex.FromModule(root));
         var attached = host.Attach(read.Weights);
@@ -252,5 +248,14 @@ public class ReferenceDeltaTests
         using var refs = SafetensorsFile.Open(ReferenceData.PathOf("sd", entry["ref_file"]!.GetValue<string>()));
         CheckDeltas(host, root, refs, entry["delta"]!["prefix"]!.GetValue<string>(),
             p => p.StartsWith("te.") ? "text_encoder." + p[3..] : p, tol["atol"]!.GetValue<double>(), tol["rtol"]!.GetValue<double>());
+    }
+
+    /// <summary>The reference SD model's UNet and text encoder (no embeddings) as one module tree of plain Linear / Conv2d leaves.</summary>
+    static Node SdReferenceTree()
+    {
+        var unet = ReferenceTranslator.TreeFromWeights(ReferenceData.PathOf("sd", "model", "diffusers", "unet", "diffusion_pytorch_model.safetensors"));
+        var te = ReferenceTranslator.TreeFromWeights(ReferenceData.PathOf("sd", "model", "diffusers", "text_encoder", "model.safetensors"),
+            p => !p.Contains("embeddings."));
+        return Build([("unet", unet), ("text_encoder", te)]);
     }
 }
