@@ -78,7 +78,7 @@ public static class QuickstartCommand
         AnsiConsole.MarkupLine($"LoRA:       [green]{Markup.Escape(r.AdapterPath)}[/]");
         AnsiConsole.MarkupLine($"grid:       [green]{Markup.Escape(r.GridPath)}[/]  (rows: prompts; columns: base seeds, then the same seeds with the LoRA)");
         if (r.LossCurvePath is not null) AnsiConsole.MarkupLine($"loss curve: [green]{Markup.Escape(r.LossCurvePath)}[/]");
-        AnsiConsole.MarkupLine("A star = one clean shape whose area is below 80 % of its convex hull's and whose outline has five lobes (StarDetector); circles, squares and triangles read ≈ 0.92–1.");
+        AnsiConsole.MarkupLine("A star = a figure (one colour region clear of the border, found by k-means of the colours) whose outline has five lobes and whose area is below 85 % of its convex hull's (StarDetector); drawn circles, squares and triangles read 0 %, drawn stars 100 %.");
         return 0;
     }
 }

@@ -31,22 +31,61 @@ public class DemoTests
             Assert.True(StarRateOfDrawn(s, 60, size) <= 0.02, $"{s} read as a star");
     }
 
-    [Fact]
-    public void Star_detector_sees_no_shape_in_a_flat_or_noisy_image()
+    [Theory]
+    [InlineData(32)]
+    [InlineData(64)]
+    public void Star_detector_sees_no_shape_in_a_flat_or_noisy_image(int size)
     {
-        Assert.False(StarDetector.Read(new float[32 * 32 * 3], 32, 32).HasShape);
+        Assert.False(StarDetector.Read(new float[size * size * 3], size, size).HasShape);
         var rng = new Random(1);
-        var noise = Enumerable.Range(0, 32 * 32 * 3).Select(_ => (float)rng.Next(256)).ToArray();
-        Assert.False(StarDetector.Read(noise, 32, 32).IsStar);
-        // Smooth colour noise (what an untrained decoder paints): random 4×4 colours, bilinear to 32×32.
+        var noise = Enumerable.Range(0, size * size * 3).Select(_ => (float)rng.Next(256)).ToArray();
+        Assert.False(StarDetector.Read(noise, size, size).IsStar);
+        // Smooth colour noise (what an untrained decoder paints): random 4×4 colours, bilinear to size×size.
         int stars = 0;
         for (int n = 0; n < 100; n++)
         {
+            using var scope = NewDisposeScope();
             var small = randn(1, 3, 4, 4, generator: new TorchSharp.torch.Generator((ulong)n + 1));
-            var big = TorchSharp.torch.nn.functional.interpolate(small, [32, 32], mode: InterpolationMode.Bilinear, align_corners: false).clamp(-1, 1);
+            var big = TorchSharp.torch.nn.functional.interpolate(small, [size, size], mode: InterpolationMode.Bilinear, align_corners: false).clamp(-1, 1);
             if (StarDetector.Read(big[0]).IsStar) stars++;
         }
         Assert.True(stars <= 3, $"{stars} of 100 smooth noise images read as stars");
+    }
+
+    /// <summary>Drawn 64×64 scenes whose background carries low-frequency colour blotches (what the small demo model paints around its figures).</summary>
+    static double StarRateOnBlotchyBackgrounds(DemoShape shape, int count)
+    {
+        const int size = 64;
+        var rng = new Random(11);
+        int stars = 0;
+        for (int i = 0; i < count; i++)
+        {
+            using var scope = NewDisposeScope();
+            var scene = ShapeScenes.Random(rng, shape);
+            using var bmp = ShapeScenes.Render(scene, size);
+            var bytes = ShapeScenes.RgbBytes(bmp);
+            var image = tensor(bytes.Select(b => b / 127.5f - 1f).ToArray()).reshape(size, size, 3).permute(2, 0, 1);
+            var bg = ShapeScenes.Backgrounds[scene.Background];
+            var bgColour = tensor(new[] { bg.Red / 127.5f - 1f, bg.Green / 127.5f - 1f, bg.Blue / 127.5f - 1f }).reshape(3, 1, 1);
+            var isBackground = ((image - bgColour).abs().sum(0, keepdim: true) < 0.05).to_type(ScalarType.Float32);
+            // blotches: 6×6 random colours upsampled, half strength, only on the background
+            var blotches = nn.functional.interpolate(randn(1, 3, 6, 6, generator: new TorchSharp.torch.Generator((ulong)i + 100)), [size, size],
+                mode: InterpolationMode.Bilinear, align_corners: false)[0] * 0.5;
+            if (StarDetector.Read((image + blotches * isBackground).clamp(-1, 1)).IsStar) stars++;
+        }
+        return (double)stars / count;
+    }
+
+    [Fact]
+    public void Star_detector_finds_stars_on_blotchy_backgrounds_and_still_rejects_the_pretraining_shapes()
+    {
+        double starRate = StarRateOnBlotchyBackgrounds(DemoShape.Star, 60);
+        Assert.True(starRate >= 0.8, $"only {starRate:P0} of stars on blotchy backgrounds read as stars");
+        foreach (var s in ShapeScenes.PretrainingShapes)
+        {
+            double rate = StarRateOnBlotchyBackgrounds(s, 60);
+            Assert.True(rate <= 0.02, $"{rate:P0} of {s}s on blotchy backgrounds read as stars");
+        }
     }
 
     [Fact]

@@ -14,9 +14,8 @@ public class QuickstartTests(ITestOutputHelper output)
 {
     /// <summary>
     /// The README's first command as shipped (examples/quickstart/quickstart.toml: 1000 steps; 4 prompts × 6 seeds), on
-    /// one thread: the base model never draws a star; with the LoRA the pixel statistic finds stars in a measured 11 of 24
-    /// images (the grid shows stars in nearly all; the statistic misses those on blotchy backgrounds). The target
-    /// of a clear majority by this statistic is not reached; the test holds the measured effect with a margin.
+    /// one thread: the base model never draws a star (≤ 1 of 24 allowed); with the LoRA the pixel statistic finds stars
+    /// in a clear majority (≥ 16 of 24; measured 22).
     /// </summary>
     [Fact]
     public void Quickstart_lora_makes_the_demo_model_draw_stars_it_never_drew_before()
@@ -37,7 +36,7 @@ public class QuickstartTests(ITestOutputHelper output)
             Assert.Equal(24, r.Base.Images);
             Assert.Equal(24, r.Lora.Images);
             Assert.True(r.Base.Stars <= 1, $"the base model drew stars: {r.Base}");
-            Assert.True(r.Lora.Stars >= 6, $"the LoRA did not teach the star: {r.Lora}");
+            Assert.True(r.Lora.Stars >= 16, $"the LoRA did not teach the star: {r.Lora}");
             Assert.True(r.MeanAbsoluteDifference > 0.1, $"the LoRA barely changed the images (mean |Δ| {r.MeanAbsoluteDifference})");
 
             // --lora FILE: the same evaluation of an existing adapter, without training, reads the same images
