@@ -27,7 +27,7 @@ public static class DemoLlmCommand
 
     public static Command LlmData()
     {
-        var output = new Option<string>("--out") { Description = "Folder for train.jsonl and eval.jsonl. Default: examples/quickstart-llm.", DefaultValueFactory = _ => Path.Combine("examples", "quickstart-llm") };
+        var output = new Option<string>("--out") { Description = "Folder for train.jsonl and eval.jsonl. Default: examples/quickstart/llm.", DefaultValueFactory = _ => Path.Combine("examples", "quickstart", "llm") };
         var train = new Option<int>("--train") { Description = "Training examples. Default: 600.", DefaultValueFactory = _ => 600 };
         var eval = new Option<int>("--eval") { Description = "Evaluation examples (prompts distinct from the training ones). Default: 50.", DefaultValueFactory = _ => 50 };
         var seed = new Option<int>("--seed") { Description = "Seed (the evaluation set uses seed + 1). Default: 7.", DefaultValueFactory = _ => 7 };

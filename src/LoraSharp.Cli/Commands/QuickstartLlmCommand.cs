@@ -39,7 +39,7 @@ public static class QuickstartLlmCommand
     public static int Run(QuickstartLlmOptions options, int exampleRows)
     {
         AnsiConsole.MarkupLine("[bold]LoraSharp quickstart-llm[/]: the demo language model ([grey]models/demo/llm[/], Llama architecture) was pretrained on ten generated tasks " +
-                               "(copy, first, last, count, …) but never on [bold]swap[/]. A LoRA trained on [grey]examples/quickstart-llm/train.jsonl[/] teaches it.");
+                               "(copy, first, last, count, …) but never on [bold]swap[/]. A LoRA trained on [grey]examples/quickstart/llm/train.jsonl[/] teaches it.");
         var clock = System.Diagnostics.Stopwatch.StartNew();
         var qs = new QuickstartLlm(options, line => AnsiConsole.MarkupLine("[grey]" + Markup.Escape(line) + "[/]"));
         QuickstartLlmResult? result = null;

@@ -9,9 +9,9 @@ namespace LoraSharp.Demo;
 public sealed record QuickstartLlmOptions
 {
     /// <summary>The Axolotl-style YAML (relative: to <see cref="Root"/>; paths inside it are relative to the YAML's folder).</summary>
-    public string ConfigPath { get; init; } = Path.Combine("examples", "quickstart-llm", "lora.yaml");
+    public string ConfigPath { get; init; } = Path.Combine("examples", "quickstart", "llm", "lora.yaml");
     /// <summary>Held-out evaluation prompts (chat JSONL; relative: to <see cref="Root"/>).</summary>
-    public string EvalPath { get; init; } = Path.Combine("examples", "quickstart-llm", "eval.jsonl");
+    public string EvalPath { get; init; } = Path.Combine("examples", "quickstart", "llm", "eval.jsonl");
     /// <summary>The repository root. Default: found from the working directory.</summary>
     public string? Root { get; init; }
     /// <summary>Overrides output_dir of the YAML (relative: to <see cref="Root"/>).</summary>
@@ -29,7 +29,7 @@ public sealed record QuickstartLlmResult(string AdapterPath, string? LossCurvePa
 /// <summary>
 /// The language-model half of the quickstart: the demo model (<c>models/demo/llm</c>, pretrained by
 /// <see cref="DemoLlm.Pretrain"/>) never saw the task "swap". A LoRA is trained with <see cref="LlmTrainer"/> from
-/// <c>examples/quickstart-llm/lora.yaml</c>; then the held-out prompts are generated greedily with the base model and
+/// <c>examples/quickstart/llm/lora.yaml</c>; then the held-out prompts are generated greedily with the base model and
 /// with the written PEFT adapter attached to a freshly loaded base, and both are scored by exact match.
 /// </summary>
 public sealed class QuickstartLlm(QuickstartLlmOptions options, Action<string>? log = null)
