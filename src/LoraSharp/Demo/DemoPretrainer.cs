@@ -22,7 +22,7 @@ public sealed record DemoPretrainOptions
     public int VaeCrop { get; init; } = 32;
     public double VaeLearningRate { get; init; } = 2e-3;
     public double KlWeight { get; init; } = 1e-6;
-    public int UnetSteps { get; init; } = 3000;
+    public int UnetSteps { get; init; } = 8000;
     public int UnetBatch { get; init; } = 48;
     public double UnetLearningRate { get; init; } = 1e-3;
     public double TextEncoderLearningRate { get; init; } = 3e-4;
