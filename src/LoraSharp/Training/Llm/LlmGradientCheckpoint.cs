@@ -1,14 +1,13 @@
 using LoraSharp.Models.Llama;
-using TorchSharp;
 using static TorchSharp.torch;
 
 namespace LoraSharp.Training.Llm;
 
 /// <summary>
-/// Gradient checkpointing for the Llama decoder (TorchSharp has no <c>torch.utils.checkpoint</c>): each decoder
-/// layer runs under no_grad in the forward pass, keeping only its input; in the backward pass the layer is run again
-/// under enable_grad from the saved input (with the RNG state of the first run, so dropout masks repeat) and its
-/// graph is back-propagated, which fills the adapter gradients and gives the input's gradient.
+/// Gradient checkpointing for the Llama decoder: each decoder layer runs under no_grad in the forward pass, keeping
+/// only its input (and the rotary tables and masks it reads); the backward pass runs the layer again with autograd on
+/// (<see cref="Recompute"/>: same RNG state, so dropout masks repeat) and back-propagates through it, which fills the
+/// adapter gradients and gives the input's gradient.
 /// </summary>
 public static class LlmGradientCheckpoint
 {
@@ -18,63 +17,24 @@ public static class LlmGradientCheckpoint
     /// <summary>The layer runner: checkpointed when gradients are being recorded, a plain call otherwise.</summary>
     public static Tensor Run(LlamaDecoderLayer layer, Tensor x, LlamaForwardContext ctx)
     {
-        if (!torch.is_grad_enabled() || ctx.Cache is not null) return layer.call(x, ctx);
-        // The first layer's input (frozen embeddings) needs no gradient, but the function's output must carry one so
-        // the backward pass reaches the adapters inside: make the input a leaf that requires grad (as HF's
-        // enable_input_require_grads does); its gradient is computed and dropped.
-        if (!x.requires_grad) x = x.detach().requires_grad_(true);
-        return CheckpointFunction.apply(x, layer, ctx);
-    }
-
-    sealed class CheckpointFunction : torch.autograd.SingleTensorFunction<CheckpointFunction>
-    {
-        public override string Name => "LlamaLayerCheckpoint";
-
-        public override Tensor forward(torch.autograd.AutogradContext ctx, params object[] vars)
+        if (!is_grad_enabled() || ctx.Cache is not null) return layer.call(x, ctx);
+        // The context's tensors belong to the model's forward scope: the node keeps them alive as saved variables, and
+        // the recomputation rebuilds the context from those.
+        var kept = new List<Tensor> { ctx.Cos, ctx.Sin };
+        if (ctx.CausalMask is not null) kept.Add(ctx.CausalMask);
+        if (ctx.SlidingMask is not null) kept.Add(ctx.SlidingMask);
+        bool hasCausal = ctx.CausalMask is not null, hasSliding = ctx.SlidingMask is not null;
+        var rng = Recompute.RngState();
+        Tensor y;
+        using (no_grad()) y = layer.call(x, ctx);
+        return Recompute.Apply(y, (inputs, k) =>
         {
-            var x = (Tensor)vars[0];
-            var layer = (LlamaDecoderLayer)vars[1];
-            var lctx = (LlamaForwardContext)vars[2];
-            // The context's tensors belong to the model's forward scope: keep them alive as saved variables.
-            var saved = new List<Tensor> { x, lctx.Cos, lctx.Sin };
-            if (lctx.CausalMask is not null) saved.Add(lctx.CausalMask);
-            if (lctx.SlidingMask is not null) saved.Add(lctx.SlidingMask);
-            ctx.save_for_backward(saved);
-            ctx.save_data("layer", layer);
-            ctx.save_data("causal", lctx.CausalMask is not null);
-            ctx.save_data("sliding", lctx.SlidingMask is not null);
-            using (var rng = torch.random.get_rng_state()) ctx.save_data("rng", rng.bytes.ToArray()); // plain bytes: save_data takes no tensors
-            using var noGrad = torch.no_grad();
-            return layer.call(x, lctx);
-        }
-
-        public override List<Tensor> backward(torch.autograd.AutogradContext ctx, Tensor grad)
-        {
-            var saved = ctx.get_saved_variables();
-            var layer = (LlamaDecoderLayer)ctx.get_data("layer");
-            bool hasCausal = (bool)ctx.get_data("causal"), hasSliding = (bool)ctx.get_data("sliding");
-            int k = 3;
-            var causal = hasCausal ? saved[k++] : null;
-            var sliding = hasSliding ? saved[k] : null;
-            var lctx = new LlamaForwardContext { Cos = saved[1], Sin = saved[2], CausalMask = causal, SlidingMask = sliding, Cache = null };
-            using var rng = torch.tensor((byte[])ctx.get_data("rng"), dtype: ScalarType.Byte);
-            using var current = torch.random.get_rng_state();
-            torch.random.set_rng_state(rng);
-            Tensor inputGrad;
-            try
+            int i = 2;
+            var again = new LlamaForwardContext
             {
-                using var enable = torch.enable_grad();
-                using var scope = NewDisposeScope();
-                var x = saved[0].detach().requires_grad_(true);
-                var y = layer.call(x, lctx);
-                y.backward([grad]);
-                inputGrad = x.grad!.clone().MoveToOuterDisposeScope();
-            }
-            finally
-            {
-                torch.random.set_rng_state(current);
-            }
-            return [inputGrad, null!, null!]; // one entry per forward argument (layer and context get none)
-        }
+                Cos = k[0], Sin = k[1], CausalMask = hasCausal ? k[i++] : null, SlidingMask = hasSliding ? k[i] : null, Cache = null,
+            };
+            return layer.call(inputs[0], again);
+        }, rng, [x], kept);
     }
 }
