@@ -178,8 +178,10 @@ public sealed class Txt2ImgPipeline : IDisposable
     bool IsSdxl => Model.Family is StableDiffusionFamily.SDXLBase or StableDiffusionFamily.SDXLRefiner;
 
     /// <summary>
-    /// Encodes one prompt (LoRA tags are removed from the text; apply LoRAs before calling). SDXL: an empty negative
-    /// prompt (<paramref name="isNegative"/>) gives zeros, as A1111 and diffusers do.
+    /// Encodes one prompt (LoRA tags are removed from the text; apply LoRAs before calling). SD1/SD2: hidden state
+    /// [-<paramref name="clipSkip"/>] + final layer norm (txt2img passes 1 for SD2 unless the request sets
+    /// <see cref="Txt2ImgRequest.ClipSkipOnSd2"/>); SDXL: its fixed penultimate layers, and an empty negative prompt
+    /// (<paramref name="isNegative"/>) gives zeros, as A1111 and diffusers do.
     /// </summary>
     public PromptEmbedding EncodePrompt(string prompt, int clipSkip = 1, bool isNegative = false, EmphasisMode emphasis = EmphasisMode.Original)
     {
@@ -197,9 +199,8 @@ public sealed class Txt2ImgPipeline : IDisposable
             var te = Model.TextEncoder!;
             if (clipSkip < 1 || clipSkip > te.Config.NumHiddenLayers)
                 throw new LoraSharpException($"clip skip must be between 1 and {te.Config.NumHiddenLayers}, got {clipSkip}", key: "clip_skip");
-            int skip = Model.Family == StableDiffusionFamily.SD2 ? 1 : clipSkip;
             var tokens = PromptChunker.Tokenize(Tokenizer, parsed.Fragments);
-            context = PromptConditioning.Encode(Tokenizer, [tokens], ids => te.Encode(ids, skip), device, emphasis);
+            context = PromptConditioning.Encode(Tokenizer, [tokens], ids => te.Encode(ids, clipSkip), device, emphasis);
         }
         else
         {
@@ -353,8 +354,8 @@ public sealed class Txt2ImgPipeline : IDisposable
         using var noGrad = no_grad();
         using var outer = NewDisposeScope();
 
-        using var cond = EncodePrompt(request.Prompt, request.ClipSkip, false, request.Emphasis);
-        using var uncond = EncodePrompt(request.NegativePrompt, request.ClipSkip, true, request.Emphasis);
+        using var cond = EncodePrompt(request.Prompt, ClipSkipOf(request), false, request.Emphasis);
+        using var uncond = EncodePrompt(request.NegativePrompt, ClipSkipOf(request), true, request.Emphasis);
         bool guided = request.CfgScale != 1.0;
         var (condCtx, uncondCtx) = (cond.Context, uncond.Context);
         if (guided && request.PadCondUncond && condCtx.shape[1] != uncondCtx.shape[1])
@@ -442,14 +443,17 @@ public sealed class Txt2ImgPipeline : IDisposable
         var loraHashes = loras.Select(l => new KeyValuePair<string, string>(l.Name.Replace(":", "").Replace(",", ""), l.ShortHash)).ToList();
         var parameters = seeds.Select(s => GenerationParameters.ForTxt2Img(request.Prompt, request.NegativePrompt, request.Steps, sampler.Name,
             request.CfgScale, s, request.Width, request.Height, ModelHash, ModelName, loraHashes,
-            Model.Family == StableDiffusionFamily.SD1 ? request.ClipSkip : null)).ToList();
+            Model.Family == StableDiffusionFamily.SD1 || (Model.Family == StableDiffusionFamily.SD2 && request.ClipSkipOnSd2) ? request.ClipSkip : null)).ToList();
         return new Txt2ImgResult { Images = images, Latents = latents, Seeds = seeds, Parameters = parameters, Loras = loras, StepTimes = stepTimes };
     }
+
+    /// <summary>The clip skip the SD1/SD2 text encoder runs with: A1111 ignores "Clip skip" for SD 2.x (1), unless the request asks for kohya's behaviour.</summary>
+    int ClipSkipOf(Txt2ImgRequest request) => Model.Family == StableDiffusionFamily.SD2 && !request.ClipSkipOnSd2 ? 1 : request.ClipSkip;
 
     /// <summary>A1111's pad_cond_uncond: the shorter conditioning gets the empty prompt's encoding appended per missing chunk.</summary>
     (Tensor Cond, Tensor Uncond) PadToSameLength(Tensor cond, Tensor uncond, Txt2ImgRequest request)
     {
-        using var empty = EncodePrompt("", request.ClipSkip, false, request.Emphasis);
+        using var empty = EncodePrompt("", ClipSkipOf(request), false, request.Emphasis);
         Tensor Pad(Tensor t, long target)
         {
             long missing = (target - t.shape[1]) / empty.Context.shape[1];

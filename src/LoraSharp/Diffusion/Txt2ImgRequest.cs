@@ -21,6 +21,11 @@ public sealed record Txt2ImgRequest
     public int Height { get; init; } = 512;
     /// <summary>A1111 "Clip skip" (SD1.x: hidden state [-ClipSkip] + final layer norm). SD2 and SDXL use their fixed layers.</summary>
     public int ClipSkip { get; init; } = 1;
+    /// <summary>
+    /// Apply <see cref="ClipSkip"/> to SD 2.x as well (hidden state [-ClipSkip] of its 23-layer text encoder + final
+    /// layer norm), as kohya's training and sample images do; false (default) = A1111, which ignores Clip skip for SD 2.x.
+    /// </summary>
+    public bool ClipSkipOnSd2 { get; init; }
     /// <summary>Images per run (one denoising batch).</summary>
     public int BatchSize { get; init; } = 1;
     /// <summary>false (default) = LoRAs run unmerged (forward hooks); true = merged into the weights (A1111's weight patching).</summary>

@@ -14,7 +14,7 @@ public class SyntheticFamilyTests
 {
     static readonly VaeConfig TinyVae = new() { BlockOutChannels = [8, 16], LayersPerBlock = 1, NormNumGroups = 4, ScalingFactor = 0.18215 };
 
-    static StableDiffusionConfig Sd2() => new()
+    internal static StableDiffusionConfig Sd2() => new()
     {
         Family = StableDiffusionFamily.SD2,
         Unet = new UNetConfig

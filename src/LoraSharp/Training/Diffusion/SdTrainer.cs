@@ -461,6 +461,7 @@ public sealed class SdTrainer : IDisposable
         Width = prompt.Width,
         Height = prompt.Height,
         ClipSkip = _c.ClipSkip ?? 1,
+        ClipSkipOnSd2 = true, // the conditioning the adapter was trained with (kohya's samples do the same)
         Decode = decode,
     };
 
