@@ -38,6 +38,20 @@ internal sealed class PyDict
     }
 }
 
+/// <summary>
+/// An instance of a class that is allowed only as inert data (a PyTorch Lightning callback in an SD training checkpoint):
+/// created by NEWOBJ without arguments, its BUILD state ignored, never called.
+/// </summary>
+internal sealed record PyOpaque(string Type);
+
+/// <summary>A numpy dtype (<c>numpy.dtype('f8', False, True)</c> + BUILD state with the byte order), used to decode numpy scalars.</summary>
+internal sealed class NumpyDType(string code)
+{
+    public string Code { get; } = code;
+    /// <summary>'&lt;' little, '&gt;' big, '|' or '=' not applicable / native (little here).</summary>
+    public char ByteOrder { get; set; } = '=';
+}
+
 /// <summary>A storage named by a persistent id: zip entry <c>data/&lt;Key&gt;</c>, <paramref name="Numel"/> elements of <paramref name="DType"/> (safetensors name).</summary>
 internal sealed record StorageRef(string Key, string DType, long Numel, string Location);
 
@@ -46,9 +60,11 @@ internal sealed record TensorRef(StorageRef Storage, long Offset, long[] Size, l
 
 /// <summary>
 /// A restricted pickle virtual machine (protocols 2–5) for torch.save's data.pkl. It executes no code: GLOBAL and
-/// STACK_GLOBAL accept only the torch tensor-rebuild functions, the torch storage types, collections.OrderedDict
-/// and torch.Size, and REDUCE/NEWOBJ interpret those few callables itself. Any other global is refused with an
-/// error naming it.
+/// STACK_GLOBAL accept only the torch tensor-rebuild functions, the torch storage types, collections.OrderedDict,
+/// torch.Size, set, and what Stable Diffusion training checkpoints carry besides weights (the list A1111's restricted
+/// unpickler allows): PyTorch Lightning's ModelCheckpoint class as an inert placeholder, numpy scalars and dtypes, and
+/// <c>_codecs.encode</c> (how protocol 2 stores bytes). REDUCE/NEWOBJ interpret those few callables itself. Any other
+/// global is refused with an error naming it.
 /// </summary>
 internal sealed class PickleMachine
 {
@@ -80,10 +96,24 @@ internal sealed class PickleMachine
         // Only as the type argument of _rebuild_from_type_v2 (never called):
         "torch.Tensor",
         "torch.nn.parameter.Parameter",
+        // Non-weight data of SD training checkpoints, interpreted here (A1111's allow-list):
+        "_codecs.encode",
+        "numpy.dtype",
+        "numpy.core.multiarray.scalar",
+        "numpy._core.multiarray.scalar",
+        "__builtin__.set",
+        "builtins.set",
+    };
+
+    /// <summary>Classes (and the module reference A1111 allows) kept as inert placeholders: dict keys, or instances made by NEWOBJ whose state is ignored.</summary>
+    static readonly HashSet<string> InertTypes = new(StringComparer.Ordinal)
+    {
+        "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+        "pytorch_lightning.callbacks.model_checkpoint",
     };
 
     /// <summary>The globals the reader accepts, for documentation and error messages.</summary>
-    public static IEnumerable<string> AllowedGlobals => Callables.Concat(StorageTypes.Keys).Order(StringComparer.Ordinal);
+    public static IEnumerable<string> AllowedGlobals => Callables.Concat(StorageTypes.Keys).Concat(InertTypes).Order(StringComparer.Ordinal);
 
     sealed class Mark
     {
@@ -280,15 +310,22 @@ internal sealed class PickleMachine
                     if (args is not PyTuple t) throw Error("NEWOBJ arguments are not a tuple");
                     if (cls is PyGlobal { FullName: "collections.OrderedDict" } && t.Items.Length == 0)
                         Push(new PyDict());
+                    else if (cls is PyGlobal g && InertTypes.Contains(g.FullName) && t.Items.Length == 0)
+                        Push(new PyOpaque(g.FullName));
                     else
-                        throw Error($"cannot construct {Describe(cls)} (only collections.OrderedDict can be created with NEWOBJ)");
+                        throw Error($"cannot construct {Describe(cls)} (only collections.OrderedDict and inert placeholders can be created with NEWOBJ)");
                     break;
                 }
-                case (byte)'b': // BUILD: state of an OrderedDict (its _metadata) or of a tensor; neither matters for the weights
+                case (byte)'b': // BUILD: state of an OrderedDict (its _metadata), a tensor or a placeholder (ignored), or a numpy dtype (its byte order)
                 {
-                    Pop();
+                    var state = Pop();
                     var target = Peek();
-                    if (target is not (PyDict or TensorRef))
+                    if (target is NumpyDType dt)
+                    {
+                        if (state is PyTuple { Items: [_, string order, ..] } && order.Length == 1) dt.ByteOrder = order[0];
+                        else throw Error($"numpy dtype state is {Describe(state)}, expected (version, byte order, ...)");
+                    }
+                    else if (target is not (PyDict or TensorRef or PyOpaque))
                         throw Error($"BUILD on {Describe(target)} is not supported");
                     break;
                 }
@@ -350,7 +387,7 @@ internal sealed class PickleMachine
     PyGlobal Global(string module, string name)
     {
         var full = module + "." + name;
-        if (!Callables.Contains(full) && !StorageTypes.ContainsKey(full))
+        if (!Callables.Contains(full) && !StorageTypes.ContainsKey(full) && !InertTypes.Contains(full))
             throw new LoraSharpException(
                 $"{_entry}: refused global '{full}': the pickle reader only accepts tensors, storages, dicts, lists and plain values "
                 + "and never runs code from a file (re-save the weights as safetensors if the file is trusted)", _file, full);
@@ -371,6 +408,8 @@ internal sealed class PickleMachine
         TensorRef => "a tensor",
         StorageRef => "a storage",
         byte[] => "bytes",
+        PyOpaque p => $"a {p.Type} placeholder",
+        NumpyDType d => $"numpy dtype '{d.Code}'",
         _ => o.GetType().Name,
     };
 
@@ -390,6 +429,33 @@ internal sealed class PickleMachine
         var s = new StorageRef(key, dtype, numel, location);
         _storages[key] = s;
         return s;
+    }
+
+    /// <summary>A numpy scalar's value: float → double, (unsigned) int → long, bool → bool.</summary>
+    object NumpyScalar(NumpyDType dtype, byte[] raw)
+    {
+        var code = dtype.Code.TrimStart('<', '>', '=', '|');
+        if (code.Length < 2 || !int.TryParse(code.AsSpan(1), out int size) || size != raw.Length)
+            throw Error($"numpy scalar of dtype '{dtype.Code}' with {raw.Length} bytes is not supported");
+        bool big = dtype.ByteOrder == '>' || dtype.Code.StartsWith('>');
+        var b = (byte[])raw.Clone();
+        if (big != !BitConverter.IsLittleEndian) Array.Reverse(b);
+        return (code[0], size) switch
+        {
+            ('f', 8) => BitConverter.ToDouble(b),
+            ('f', 4) => (double)BitConverter.ToSingle(b),
+            ('f', 2) => (double)BitConverter.ToHalf(b),
+            ('i', 8) => BitConverter.ToInt64(b),
+            ('i', 4) => (long)BitConverter.ToInt32(b),
+            ('i', 2) => (long)BitConverter.ToInt16(b),
+            ('i', 1) => (long)(sbyte)b[0],
+            ('u', 8) => BitConverter.ToUInt64(b) <= long.MaxValue ? (long)BitConverter.ToUInt64(b) : (object)new BigInteger(BitConverter.ToUInt64(b)),
+            ('u', 4) => (long)BitConverter.ToUInt32(b),
+            ('u', 2) => (long)BitConverter.ToUInt16(b),
+            ('u', 1) => (long)b[0],
+            ('b', 1) => b[0] != 0,
+            _ => throw Error($"numpy scalar of dtype '{dtype.Code}' is not supported"),
+        };
     }
 
     long[] Ints(object? o, string what)
@@ -418,6 +484,22 @@ internal sealed class PickleMachine
                     return d;
                 }
                 throw Error("unsupported OrderedDict arguments");
+            case "__builtin__.set" or "builtins.set":
+                return args switch
+                {
+                    [] => new List<object?>(),
+                    [List<object?> items] => new List<object?>(items),
+                    _ => throw Error("set takes one list"),
+                };
+            case "_codecs.encode":
+                // protocol 2 pickles bytes as _codecs.encode(text, 'latin1'): each character is one byte
+                if (args is [string text, string encoding] && encoding.Replace("-", "").Replace("_", "").ToLowerInvariant() is "latin1" or "iso88591")
+                    return Encoding.Latin1.GetBytes(text);
+                throw Error("_codecs.encode is only read as (text, 'latin1')");
+            case "numpy.dtype":
+                return args is [string code, ..] ? new NumpyDType(code) : throw Error("numpy.dtype takes a type code string");
+            case "numpy.core.multiarray.scalar" or "numpy._core.multiarray.scalar":
+                return args is [NumpyDType dtype, byte[] raw] ? NumpyScalar(dtype, raw) : throw Error("numpy scalar takes (dtype, bytes)");
             case "torch.Size":
                 return args is [var sizes] ? new PyTuple(Ints(sizes, "torch.Size").Cast<object?>().ToArray()) : throw Error("torch.Size takes one tuple");
             case "torch._utils._rebuild_tensor_v2" when args.Length is 6 or 7:

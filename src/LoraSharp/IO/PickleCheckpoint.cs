@@ -10,8 +10,10 @@ namespace LoraSharp.IO;
 /// A PyTorch <c>torch.save</c> file (zip format, torch ≥ 1.6: <c>.pt</c>, <c>.pth</c>, <c>.ckpt</c>, <c>.bin</c>)
 /// read by LoraSharp's own restricted unpickler, which runs no code from the file: it accepts only tensors (via
 /// <c>torch._utils._rebuild_tensor_v2</c>, <c>_rebuild_tensor</c>, <c>_rebuild_parameter</c>), the typed and untyped
-/// torch storages, <c>collections.OrderedDict</c>, dicts, lists, tuples, <c>torch.Size</c> and plain values; any
-/// other global (<c>os.system</c>, <c>builtins.eval</c>, a Lightning callback class, ...) is refused by name.
+/// torch storages, <c>collections.OrderedDict</c>, dicts, lists, tuples, sets, <c>torch.Size</c> and plain values, plus
+/// what SD training checkpoints hold besides weights (A1111's allow-list): PyTorch Lightning's <c>ModelCheckpoint</c>
+/// as an inert placeholder (never called), numpy scalars (read as numbers) and <c>_codecs.encode</c> bytes; any other
+/// global (<c>os.system</c>, <c>builtins.eval</c>, <c>pytorch_lightning.Trainer</c>, ...) is refused by name.
 /// <para>Nested dicts are flattened with "." (<c>{"state_dict": {"a.weight": t}}</c> gives <c>state_dict.a.weight</c>),
 /// lists and tuples by index. Plain values (ints, floats, strings, bools) become <see cref="Metadata"/> entries.
 /// Opening reads only the zip directory and data.pkl; a tensor's storage bytes are read when it is loaded (in place
@@ -110,6 +112,7 @@ public sealed class PickleCheckpoint : ITensorSource
         long l => l.ToString(CultureInfo.InvariantCulture),
         BigInteger b => b.ToString(CultureInfo.InvariantCulture),
         bool b => b ? "True" : "False",
+        PyGlobal g => g.FullName, // a class as key: Lightning's callbacks dict {ModelCheckpoint: state}
         _ => throw new LoraSharpException($"dict key of type {k.GetType().Name} is not supported (only strings and ints)", FilePath, parent.Length == 0 ? null : parent),
     };
 

@@ -25,7 +25,8 @@ public class PickleCheckpointTests
     [InlineData("builtins", "eval")]
     [InlineData("posix", "system")]
     [InlineData("subprocess", "Popen")]
-    [InlineData("pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint")]
+    [InlineData("pytorch_lightning", "Trainer")]
+    [InlineData("numpy", "load")]
     public void A_global_outside_the_allow_list_is_refused_by_name_before_anything_runs(string module, string name)
     {
         using var dir = new TempDir();
@@ -52,6 +53,60 @@ public class PickleCheckpointTests
         b.AddRange(new byte[] { 0x85, (byte)'R', (byte)'.' });
         var e = Assert.Throws<LoraSharpException>(() => PickleMachine.Load(b.ToArray(), "evil.pt"));
         Assert.Contains("refused global 'builtins.eval'", e.Message);
+    }
+
+    /// <summary>
+    /// What an original SD 1.x training checkpoint (PyTorch Lightning 1.4, pickle protocol 2) holds besides the weights:
+    /// {"epoch", "global_step", "pytorch-lightning_version", "callbacks": {ModelCheckpoint (the class as key): {"monitor":
+    /// None, "best_model_score": numpy float64 scalar, "dirpath": ...}}, "trainer": a ModelCheckpoint instance (NEWOBJ +
+    /// BUILD), "tags": set(...), "state_dict": {...}}.
+    /// </summary>
+    static byte[] LightningCheckpointPickle()
+    {
+        var p = new PickleBuilder().Proto(2);
+        p.EmptyDict().Mark();
+        p.Str("epoch").Int(6).Str("global_step").Int(470000).Str("pytorch-lightning_version").Str("1.4.2");
+        // numpy.core.multiarray.scalar(numpy.dtype('f8', False, True) + BUILD (3, '<', ...), _codecs.encode(0.25 as latin-1 text, 'latin1'))
+        var quarter = Encoding.Latin1.GetString(BitConverter.GetBytes(0.25));
+        p.Str("callbacks").EmptyDict().Global("pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint").EmptyDict().Mark()
+            .Str("monitor").Op((byte)'N')
+            .Str("best_model_score").Global("numpy.core.multiarray", "scalar").Mark()
+                .Global("numpy", "dtype").Mark().Str("f8").Op(0x89).Op(0x88).Tuple().Reduce()
+                .Mark().Int(3).Str("<").Op((byte)'N').Op((byte)'N').Op((byte)'N').Int(-1).Int(-1).Int(0).Tuple().Op((byte)'b')
+                .Global("_codecs", "encode").Mark().Str(quarter).Str("latin1").Tuple().Reduce()
+            .Tuple().Reduce()
+            .Str("dirpath").Str("logs/2022-08-01/checkpoints")
+            .SetItems().SetItem();
+        p.Str("trainer").Global("pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint").EmptyTuple().Op(0x81)
+            .EmptyDict().Str("verbose").Op(0x89).SetItem().Op((byte)'b');
+        p.Str("tags").Global("__builtin__", "set").Mark().Op((byte)']').Mark().Str("sd").Str("v1").Op((byte)'e').Tuple().Reduce();
+        p.Str("state_dict").EmptyDict().Str("model.diffusion_model.w").RebuildTensor("FloatStorage", "0", 4, 0, [2, 2], [2, 1]).SetItem();
+        p.SetItems();
+        return p.Stop().ToArray();
+    }
+
+    [Fact]
+    public void Sd_training_checkpoints_with_lightning_callbacks_and_numpy_scalars_load_without_running_anything()
+    {
+        using var dir = new TempDir();
+        var path = dir.File("sd-v1-x.ckpt");
+        Zip(path, LightningCheckpointPickle(), ("0", Floats(4)));
+        using var ckpt = PickleCheckpoint.Open(path);
+        Assert.True(ckpt.Contains("state_dict.model.diffusion_model.w"));
+        using (var t = ckpt.Load("state_dict.model.diffusion_model.w"))
+            Assert.Equal(new float[] { 0, 1, 2, 3 }, t.data<float>().ToArray());
+        Assert.Equal("470000", ckpt.Metadata["global_step"]);
+        Assert.Equal("1.4.2", ckpt.Metadata["pytorch-lightning_version"]);
+        Assert.Equal("0.25", ckpt.Metadata["callbacks.pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint.best_model_score"]);
+        Assert.Equal("v1", ckpt.Metadata["tags.1"]);
+
+        // The Lightning class is data only: calling it is refused, naming it.
+        var call = new PickleBuilder().Proto(2).Global("pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint").Str("x").Op(0x85).Reduce().Stop().ToArray();
+        var e = Assert.Throws<LoraSharpException>(() => PickleMachine.Load(call, "evil.ckpt"));
+        Assert.Contains("pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint cannot be called", e.Message);
+        // _codecs.encode only as latin-1 bytes
+        var codec = new PickleBuilder().Proto(2).Global("_codecs", "encode").Mark().Str("x").Str("rot13").Tuple().Reduce().Stop().ToArray();
+        Assert.Contains("_codecs.encode is only read as (text, 'latin1')", Assert.Throws<LoraSharpException>(() => PickleMachine.Load(codec, "odd.ckpt")).Message);
     }
 
     /// <summary>One storage of 12 floats 0..11 shared by five tensors: whole, transposed, a row at an offset, a strided 2x2, and a scalar.</summary>
