@@ -6,7 +6,7 @@ using TorchSharp;
 
 namespace LoraSharp.Cli.Commands;
 
-/// <summary><c>lorasharp generate-text --model DIR [--adapter DIR[:scale]]… --prompt "…"</c>: streams generated text.</summary>
+/// <summary><c>lorasharp generate-text --model DIR [--adapter DIR[:scale]]… [--load-in-4bit] --prompt "…"</c>: streams generated text.</summary>
 public static class GenerateTextCommand
 {
     public static Command Create()
@@ -22,16 +22,22 @@ public static class GenerateTextCommand
         var topP = new Option<double>("--top-p") { Description = "Nucleus sampling threshold (1 = off).", DefaultValueFactory = _ => 1.0 };
         var seed = new Option<long?>("--seed") { Description = "Sampling seed (reproducible output)." };
         var bf16 = new Option<bool>("--bf16") { Description = "Run the model in bfloat16." };
+        var fourBit = new Option<bool>("--load-in-4bit") { Description = "Store the decoder linears in NF4 (QLoRA's base: ~1/7 of the float32 memory; each forward dequantizes them)." };
         var command = new Command("generate-text", "Generate text with a Llama model and optional LoRA adapters (tokens are streamed).")
         {
-            model, adapters, prompt, chat, template, maxNew, temperature, topK, topP, seed, bf16,
+            model, adapters, prompt, chat, template, maxNew, temperature, topK, topP, seed, bf16, fourBit,
         };
         command.SetAction(parse => CliErrors.Run(() =>
         {
             var folder = parse.GetValue(model)!;
             var tokenizer = LlmTokenizer.Load(folder);
-            using var m = LlamaCheckpoint.Load(folder, parse.GetValue(bf16) ? torch.ScalarType.BFloat16 : torch.ScalarType.Float32);
-            using var host = LlmAdapters.Attach(m, (parse.GetValue(adapters) ?? []).Select(LlmAdapters.ParseSpec));
+            var specs = (parse.GetValue(adapters) ?? []).Select(LlmAdapters.ParseSpec).ToList();
+            bool nf4 = parse.GetValue(fourBit);
+            if (!nf4 && specs.Select(s => s.Path).FirstOrDefault(LlmTrainer.WasTrainedOnNf4) is string trainedOnNf4)
+                Console.Error.WriteLine($"note: {trainedOnNf4} was trained on the NF4 (QLoRA) base; --load-in-4bit runs on that base");
+            using var loaded = LlmModelLoader.Load(folder, parse.GetValue(bf16) ? torch.ScalarType.BFloat16 : torch.ScalarType.Float32, quantize: nf4);
+            var m = loaded.Model;
+            using var host = LlmAdapters.Attach(m, specs, nf4Base: nf4);
             IReadOnlyList<int> ids = parse.GetValue(chat)
                 ? tokenizer.EncodeChat([ChatMessage.User(parse.GetValue(prompt)!)], addGenerationPrompt: true,
                     parse.GetValue(template) is { } t ? ChatTemplates.Parse(t) : null)

@@ -17,8 +17,12 @@ public static class LlmAdapters
         return (spec, 1.0);
     }
 
-    /// <summary>Reads each adapter (checked against the model's modules) and attaches it unmerged with its scale.</summary>
-    public static AdapterHost Attach(LlamaForCausalLM model, IEnumerable<(string Path, double Scale)> adapters)
+    /// <summary>
+    /// Reads each adapter (checked against the model's modules) and attaches it unmerged with its scale. With
+    /// <paramref name="nf4Base"/> (the decoder linears are NF4, <see cref="LlmModelLoader"/>) DoRA adapters are refused:
+    /// their magnitude needs the full-precision weight norms, as in training.
+    /// </summary>
+    public static AdapterHost Attach(LlamaForCausalLM model, IEnumerable<(string Path, double Scale)> adapters, bool nf4Base = false)
     {
         var host = new AdapterHost(model);
         try
@@ -28,7 +32,10 @@ public static class LlmAdapters
             foreach (var (path, scale) in adapters)
             {
                 using var read = AdapterFile.Read(path, index);
-                host.Attach(read.Weights, $"adapter{n++}", scale);
+                var attached = host.Attach(read.Weights, $"adapter{n++}", scale);
+                if (nf4Base && attached.Modules.FirstOrDefault(m => m.Dora != DoraKind.None) is { } dora)
+                    throw new LoraSharpException("a DoRA adapter cannot run on the NF4 (4-bit) base: its magnitude needs the full-precision weight norms; load the base without --load-in-4bit",
+                        path, dora.ModulePath);
             }
             return host;
         }
