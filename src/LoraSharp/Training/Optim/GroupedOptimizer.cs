@@ -72,7 +72,25 @@ public abstract class GroupedOptimizer : IGroupedOptimizer
         using var noGrad = no_grad();
         using var scope = NewDisposeScope();
         StepCore();
+        CommitMasters();
         StepCount++;
+    }
+
+    /// <summary>
+    /// The tensor an update is applied to: the parameter itself, or for a parameter stored in a 16-bit float type its
+    /// float32 master copy (state "master", made from the parameter on first use), so that updates below the 16-bit
+    /// resolution accumulate instead of rounding away (mixed-precision training's master weights). After each step the
+    /// parameter receives its master, rounded (<see cref="CommitMasters"/>).
+    /// </summary>
+    Tensor Working(int g, int i, Parameter p) =>
+        p.dtype is ScalarType.BFloat16 or ScalarType.Float16 ? StateOf(g, i, "master", () => p.detach().to_type(ScalarType.Float32)) : p;
+
+    void CommitMasters()
+    {
+        for (int g = 0; g < Groups.Count; g++)
+            for (int i = 0; i < Groups[g].Parameters.Count; i++)
+                if (Groups[g].Parameters[i].grad is not null && StateTensors.TryGetValue(Key(g, i, "master"), out var master))
+                    Groups[g].Parameters[i].copy_(master);
     }
 
     /// <summary>The update; runs inside a dispose scope under no_grad.</summary>
@@ -152,8 +170,8 @@ public abstract class GroupedOptimizer : IGroupedOptimizer
         }
     }
 
-    /// <summary>Each (group index, param index, group, parameter, gradient) with a gradient.</summary>
-    protected IEnumerable<(int G, int I, ParamGroup Group, Parameter P, Tensor Grad)> WithGrads()
+    /// <summary>Each (group index, param index, group, tensor to update, gradient) with a gradient; the tensor is the parameter or its float32 master (<see cref="Working"/>).</summary>
+    protected IEnumerable<(int G, int I, ParamGroup Group, Tensor P, Tensor Grad)> WithGrads()
     {
         for (int g = 0; g < Groups.Count; g++)
             for (int i = 0; i < Groups[g].Parameters.Count; i++)
@@ -161,7 +179,7 @@ public abstract class GroupedOptimizer : IGroupedOptimizer
                 var p = Groups[g].Parameters[i];
                 var grad = p.grad;
                 if (grad is null) continue;
-                yield return (g, i, Groups[g], p, grad);
+                yield return (g, i, Groups[g], Working(g, i, p), grad);
             }
     }
 

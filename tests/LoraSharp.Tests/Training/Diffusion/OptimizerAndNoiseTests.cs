@@ -48,6 +48,45 @@ public class OptimizerAndNoiseTests
         Close([1 * 0.999 - 0.1 * 0.3 / (0.3 + 1e-8), -2 * 0.999 + 0.1 * 4 / (4 + 1e-8), 0.5 * 0.999], p, 1e-6);
     }
 
+    /// <summary>
+    /// Updates of 1e-3 on values near 1 are below bfloat16's resolution (2⁻⁷): a bf16 parameter updated directly would
+    /// never move. Through its float32 master the bf16 parameter follows the float32 trajectory, rounded; the master is
+    /// part of the saved state, so a restored optimizer continues exactly.
+    /// </summary>
+    [Theory]
+    [InlineData("AdamW")]
+    [InlineData("Lion")]
+    [InlineData("Prodigy")]
+    public void Bf16_parameters_are_updated_through_float32_master_weights(string kind)
+    {
+        float[] init = [1f, -1f, 0.5f, 2f];
+        var p32 = new Parameter(tensor(init));
+        var p16 = new Parameter(tensor(init).to_type(ScalarType.BFloat16));
+        GroupedOptimizer Make(Parameter p) => kind switch
+        {
+            "AdamW" => new AdamWOptimizer([new ParamGroup("g", [p], 1e-3)], (0.9, 0.999), weightDecay: 0),
+            "Lion" => new LionOptimizer([new ParamGroup("g", [p], 1e-3)], (0.9, 0.99)),
+            _ => new ProdigyOptimizer([new ParamGroup("g", [p], 1.0)], (0.9, 0.999)),
+        };
+        using var o32 = Make(p32);
+        using var o16 = Make(p16);
+        for (int step = 0; step < 10; step++)
+        {
+            float[] g = [0.5f, -0.25f, 1f, 0.125f * (step % 3 - 1)];
+            SetGrad(p32, g);
+            p16.grad?.Dispose();
+            p16.grad = tensor(g).to_type(ScalarType.BFloat16);
+            o32.Step();
+            o16.Step();
+        }
+        Assert.True((p32 - tensor(init)).abs().max().item<float>() > 5e-3, "the float32 run barely moved");
+        // the bf16 parameter is the float32 trajectory rounded to bf16
+        var expected = p32.detach().to_type(ScalarType.BFloat16);
+        Assert.True((p16.detach() == expected).all().item<bool>(), $"bf16 {string.Join(", ", p16.detach().to_type(ScalarType.Float32).data<float>().ToArray())} vs rounded f32 {string.Join(", ", expected.to_type(ScalarType.Float32).data<float>().ToArray())}");
+        Assert.Contains(o16.StateDict().Tensors.Keys, k => k.EndsWith(".master", StringComparison.Ordinal));
+        Assert.DoesNotContain(o32.StateDict().Tensors.Keys, k => k.EndsWith(".master", StringComparison.Ordinal));
+    }
+
     [Fact]
     public void AdamW8bit_tracks_full_precision_AdamW_with_a_quarter_of_the_state()
     {
