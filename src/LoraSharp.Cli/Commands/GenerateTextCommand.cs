@@ -37,7 +37,7 @@ public static class GenerateTextCommand
                 Console.Error.WriteLine($"note: {trainedOnNf4} was trained on the NF4 (QLoRA) base; --load-in-4bit runs on that base");
             using var loaded = LlmModelLoader.Load(folder, parse.GetValue(bf16) ? torch.ScalarType.BFloat16 : torch.ScalarType.Float32, quantize: nf4);
             var m = loaded.Model;
-            using var host = LlmAdapters.Attach(m, specs, nf4Base: nf4);
+            using var host = LlmAdapters.Attach(m, specs, loaded.Quantized);
             IReadOnlyList<int> ids = parse.GetValue(chat)
                 ? tokenizer.EncodeChat([ChatMessage.User(parse.GetValue(prompt)!)], addGenerationPrompt: true,
                     parse.GetValue(template) is { } t ? ChatTemplates.Parse(t) : null)

@@ -199,6 +199,14 @@ public sealed class AdapterHost : IDisposable
     public bool InPlaceAccumulation { get; set; } = true;
 
     /// <summary>
+    /// For a base whose Linear weights are not resident (QLoRA's NF4 store: each module's weight is a shared buffer
+    /// refilled right before the module runs): the module's dequantized weight by path. When set, a new DoRA adapter
+    /// starts its magnitude from it, DoRA's forward reads a private copy of the buffer taken while it still holds this
+    /// module's weight (as PEFT dequantizes for DoRA on a 4-bit base), and merged mode is refused.
+    /// </summary>
+    public Func<string, Tensor>? DequantizedWeight { get; set; }
+
+    /// <summary>
     /// Keep each adapter's ΔW (fp32) between merges, so a multiplier change costs one add per adapter (default).
     /// Off: ΔW is recomputed at every re-merge — for models where an fp32 copy of every adapted weight does not fit.
     /// </summary>
@@ -276,7 +284,8 @@ public sealed class AdapterHost : IDisposable
         {
             var slot = SlotFor(p, _allModules[p]);
             // DoRA starts from the original weight, also when other adapters are merged into it right now
-            built.Add((slot, AdapterFactory.Create(p, slot.Geometry, config, slot.Weight.device, slot.BackupWeight ?? slot.Weight)));
+            using var dequantized = config.Dora != DoraKind.None ? DequantizedWeight?.Invoke(p) : null;
+            built.Add((slot, AdapterFactory.Create(p, slot.Geometry, config, slot.Weight.device, dequantized ?? slot.BackupWeight ?? slot.Weight)));
         }
         return Register(name, built, multiplier, trainable: true, [], new Dictionary<string, string>());
     }
@@ -333,6 +342,8 @@ public sealed class AdapterHost : IDisposable
     /// <summary>Switch to merged mode: W ← W₀ + Σ m·ΔW for every module with adapters (ΔW cached in fp32).</summary>
     public void Merge()
     {
+        if (DequantizedWeight is not null)
+            throw new InvalidOperationException("merged mode needs resident base weights; this base is quantized (NF4): run the adapters unmerged, or merge into the full-precision model");
         _mode = AdapterMode.Merged;
         foreach (var s in _slots.Values) s.Dirty = true;
         ApplyPending();
@@ -440,11 +451,14 @@ public sealed class AdapterHost : IDisposable
         bool inPlace = InPlaceAccumulation && !y.requires_grad && !s.Entries.Any(e => e.Adapter.Dora != DoraKind.None);
         using (var scope = NewDisposeScope())
         {
+            Tensor weight = s.Weight;
+            // a quantized base's buffer is refilled by the next module: DoRA (which may keep the weight for backward) gets a copy
+            if (DequantizedWeight is not null && s.Entries.Any(e => e.Adapter.Dora != DoraKind.None)) weight = s.Weight.detach().clone();
             foreach (var (owner, a) in s.Entries)
             {
                 double m = owner.MultiplierFor(s.Path);
                 if (m == 0) continue;
-                result = a.AddTo(result ?? y, x, y, s.Weight, s.Bias, m, training, inPlace) ?? result;
+                result = a.AddTo(result ?? y, x, y, weight, s.Bias, m, training, inPlace) ?? result;
             }
             result?.MoveToOuterDisposeScope();
         }

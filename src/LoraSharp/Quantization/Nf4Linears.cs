@@ -101,11 +101,13 @@ public sealed class Nf4Linears : IDisposable
         else Nf4.DequantizeBf16(e.Data, MemoryMarshal.Cast<byte, ushort>(bytes));
     }
 
-    /// <summary>The dequantized weight of one module as a new float32 tensor <c>[out, in]</c>.</summary>
+    /// <summary>The dequantized weight of one module as a new float32 tensor <c>[out, in]</c> on the module's device.</summary>
     public Tensor Dequantize(string path)
     {
         var e = _entries.FirstOrDefault(x => x.Path == path) ?? throw new KeyNotFoundException($"'{path}' is not quantized");
-        return torch.tensor(Nf4.Dequantize(e.Data), e.Data.Shape, dtype: ScalarType.Float32);
+        var host = torch.tensor(Nf4.Dequantize(e.Data), e.Data.Shape, dtype: ScalarType.Float32);
+        if (e.Buffer.device.type == DeviceType.CPU) return host;
+        using (host) return host.to(e.Buffer.device);
     }
 
     public void Dispose()

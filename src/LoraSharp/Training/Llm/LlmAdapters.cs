@@ -2,6 +2,7 @@ using System.Globalization;
 using LoraSharp.Adapters;
 using LoraSharp.Formats;
 using LoraSharp.Models.Llama;
+using LoraSharp.Quantization;
 
 namespace LoraSharp.Training.Llm;
 
@@ -19,12 +20,13 @@ public static class LlmAdapters
 
     /// <summary>
     /// Reads each adapter (checked against the model's modules) and attaches it unmerged with its scale. With
-    /// <paramref name="nf4Base"/> (the decoder linears are NF4, <see cref="LlmModelLoader"/>) DoRA adapters are refused:
-    /// their magnitude needs the full-precision weight norms, as in training.
+    /// <paramref name="quantized"/> (the decoder linears are NF4, <see cref="LlmModelLoader"/>) the host knows the base
+    /// is not resident (<see cref="AdapterHost.DequantizedWeight"/>), which DoRA adapters need.
     /// </summary>
-    public static AdapterHost Attach(LlamaForCausalLM model, IEnumerable<(string Path, double Scale)> adapters, bool nf4Base = false)
+    public static AdapterHost Attach(LlamaForCausalLM model, IEnumerable<(string Path, double Scale)> adapters, Nf4Linears? quantized = null)
     {
         var host = new AdapterHost(model);
+        if (quantized is not null) host.DequantizedWeight = quantized.Dequantize;
         try
         {
             var index = ModuleIndex.FromModule(model);
@@ -32,10 +34,7 @@ public static class LlmAdapters
             foreach (var (path, scale) in adapters)
             {
                 using var read = AdapterFile.Read(path, index);
-                var attached = host.Attach(read.Weights, $"adapter{n++}", scale);
-                if (nf4Base && attached.Modules.FirstOrDefault(m => m.Dora != DoraKind.None) is { } dora)
-                    throw new LoraSharpException("a DoRA adapter cannot run on the NF4 (4-bit) base: its magnitude needs the full-precision weight norms; load the base without --load-in-4bit",
-                        path, dora.ModulePath);
+                host.Attach(read.Weights, $"adapter{n++}", scale);
             }
             return host;
         }

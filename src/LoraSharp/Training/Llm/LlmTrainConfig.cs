@@ -168,8 +168,6 @@ public sealed record LlmTrainConfig
         if (config.Datasets.Count == 0) throw new LoraSharpException("datasets needs at least one entry with a path", source, "datasets");
         if (config.Adapter is not null && config.LoraTargetModules.Count == 0 && !config.LoraTargetLinear)
             throw new LoraSharpException("set lora_target_modules (a list of module names) or lora_target_linear: true", source, "lora_target_modules");
-        if (config.UseDora && config.IsQLora)
-            throw new LoraSharpException("use_dora with adapter: qlora is not supported (DoRA needs the full-precision weight norms)", source, "use_dora");
         if (config.WarmupRatio is double wr && (wr < 0 || wr >= 1))
             throw new LoraSharpException($"warmup_ratio must be in [0, 1), got {wr}", source, "warmup_ratio");
         if (config.MaxSteps is null && config.NumEpochs <= 0)

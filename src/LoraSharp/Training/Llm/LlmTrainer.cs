@@ -128,6 +128,7 @@ public sealed class LlmTrainer : IDisposable
             else
             {
                 Host = new AdapterHost(Model);
+                if (Base.Quantized is { } nf4) Host.DequantizedWeight = nf4.Dequantize; // DoRA on the NF4 base (QLoRA + use_dora)
                 Host.FreezeBase();
                 var selector = config.LoraTargetLinear
                     ? ModuleSelector.Glob("*").ExcludeExact("lm_head")
