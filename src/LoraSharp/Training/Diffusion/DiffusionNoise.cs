@@ -6,17 +6,30 @@ namespace LoraSharp.Training.Diffusion;
 
 /// <summary>
 /// The DDPM training maths kohya uses: scaled_linear schedule (1000 steps), uniform timesteps, noisy latents
-/// x_t = √ᾱ·x0 + √(1−ᾱ)·ε, v target √ᾱ·ε − √(1−ᾱ)·x0, noise offset, multi-resolution (pyramid) noise and min-SNR
-/// loss weights. All functions take and return tensors on the caller's device.
+/// x_t = √ᾱ·x0 + √(1−ᾱ)·ε, v target √ᾱ·ε − √(1−ᾱ)·x0, noise offset, multi-resolution (pyramid) noise, min-SNR
+/// loss weights, zero terminal SNR and the L1 / Huber / smooth-L1 losses with their threshold schedules. All functions take and return tensors on the caller's device.
 /// </summary>
 public sealed class DiffusionNoise
 {
     readonly float[] _alphasCumprod;
 
-    public DiffusionNoise(ScheduleConfig? schedule = null)
+    /// <param name="zeroTerminalSnr">
+    /// Rescale the schedule to zero terminal SNR (Lin et al. 2023, what kohya's <c>zero_terminal_snr</c> does to the
+    /// training scheduler): √ᾱ is shifted so the last step is 0 and scaled so the first keeps its value.
+    /// </param>
+    public DiffusionNoise(ScheduleConfig? schedule = null, bool zeroTerminalSnr = false)
     {
         Schedule = schedule ?? ScheduleConfig.StableDiffusion;
         _alphasCumprod = Schedule.AlphasCumprod();
+        if (zeroTerminalSnr) _alphasCumprod = ZeroTerminalSnr(_alphasCumprod);
+    }
+
+    /// <summary>ᾱ rescaled so that √ᾱ_T = 0 and √ᾱ_0 is unchanged: √ᾱ' = (√ᾱ − √ᾱ_T)·√ᾱ_0/(√ᾱ_0 − √ᾱ_T).</summary>
+    public static float[] ZeroTerminalSnr(IReadOnlyList<float> alphasCumprod)
+    {
+        var root = alphasCumprod.Select(a => Math.Sqrt(a)).ToArray();
+        double first = root[0], last = root[^1];
+        return root.Select(r => (float)Math.Pow((r - last) * first / (first - last), 2)).ToArray();
     }
 
     public ScheduleConfig Schedule { get; }
@@ -65,9 +78,49 @@ public sealed class DiffusionNoise
         var w = ts.Select(t =>
         {
             double snr = Snr((int)t);
+            // SNR 0 (the last step of a zero-terminal-SNR schedule): ε-prediction takes the limit min(s, γ)/s → 1
+            if (snr == 0) return vPrediction ? 0f : 1f;
             return (float)(Math.Min(snr, gamma) / (vPrediction ? snr + 1 : snr));
         }).ToArray();
         return tensor(w, device: timesteps.device);
+    }
+
+    /// <summary>
+    /// kohya's Huber threshold c_t per sample [B] (get_huber_threshold): <c>snr</c>: (1 − c)/(1 + σ_t)² + c with
+    /// σ_t = √((1 − ᾱ_t)/ᾱ_t); <c>exponential</c>: scale·exp(ln(c)·t/T); <c>constant</c>: c·scale.
+    /// </summary>
+    public Tensor HuberThreshold(Tensor timesteps, string schedule, double c, double scale)
+    {
+        var ts = timesteps.to(DeviceType.CPU).data<long>().ToArray();
+        var values = ts.Select(t => schedule switch
+        {
+            "snr" => (1 - c) / Math.Pow(1 + Math.Sqrt((1 - _alphasCumprod[t]) / (double)_alphasCumprod[t]), 2) + c,
+            "exponential" => Math.Exp(Math.Log(c) / NumTrainTimesteps * t) * scale,
+            "constant" => c * scale,
+            _ => throw new ArgumentException($"unknown Huber schedule '{schedule}' (expected snr, exponential or constant)", nameof(schedule)),
+        }).Select(v => (float)v).ToArray();
+        return tensor(values, device: timesteps.device);
+    }
+
+    /// <summary>
+    /// kohya's conditional_loss per element (no reduction): <c>l2</c> (p − y)², <c>l1</c> |p − y|, <c>huber</c>
+    /// 2c(√((p − y)² + c²) − c), <c>smooth_l1</c> 2(√((p − y)² + c²) − c), with c [B] broadcast per sample.
+    /// </summary>
+    public static Tensor Loss(Tensor prediction, Tensor target, string lossType, Tensor? huberC = null)
+    {
+        using var scope = NewDisposeScope();
+        var d = prediction - target;
+        Tensor C() => (huberC ?? throw new ArgumentException($"loss_type {lossType} needs a Huber threshold", nameof(huberC)))
+            .reshape([-1, .. Enumerable.Repeat(1L, (int)prediction.dim() - 1)]);
+        var loss = lossType switch
+        {
+            "l2" => d.pow(2),
+            "l1" => d.abs(),
+            "huber" => 2 * C() * ((d.pow(2) + C().pow(2)).sqrt() - C()),
+            "smooth_l1" => 2 * ((d.pow(2) + C().pow(2)).sqrt() - C()),
+            _ => throw new ArgumentException($"unknown loss_type '{lossType}' (expected l2, l1, huber or smooth_l1)", nameof(lossType)),
+        };
+        return loss.MoveToOuterDisposeScope();
     }
 
     /// <summary>kohya noise offset: ε + c·N(0, 1) drawn per (batch, channel) and broadcast over H, W.</summary>

@@ -19,6 +19,9 @@ public sealed record NetworkSpec
     public required AdapterConfig Adapter { get; init; }
     /// <summary>Train resnet / sampler convs as well (LoCon, kohya "C3Lier").</summary>
     public bool Conv { get; init; }
+    /// <summary>LoRA+ (network_args loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio): the up matrices learn this many times faster; null = off.</summary>
+    public double? LoraPlusUnetRatio { get; init; }
+    public double? LoraPlusTextEncoderRatio { get; init; }
     /// <summary>ss_network_args (JSON object of the network args kohya records).</summary>
     public required IReadOnlyDictionary<string, string> Args { get; init; }
 
@@ -103,8 +106,16 @@ public sealed record NetworkSpec
         if (kind is "locon" or "loha" or "lokr" && !recorded.ContainsKey("algo")) recorded["algo"] = kind == "locon" ? "locon" : kind;
         if (dropout.Rank > 0) recorded["rank_dropout"] = dropout.Rank.ToString(CultureInfo.InvariantCulture);
         if (dropout.Module > 0) recorded["module_dropout"] = dropout.Module.ToString(CultureInfo.InvariantCulture);
+        double? plus = Arg("loraplus_lr_ratio");
+        double? plusUnet = Arg("loraplus_unet_lr_ratio") ?? plus, plusTe = Arg("loraplus_text_encoder_lr_ratio") ?? plus;
+        foreach (var r in new[] { plusUnet, plusTe })
+            if (r is <= 0) throw new LoraSharpException($"LoRA+ ratio must be positive, got {r}", "config", "network_args");
+        if ((plusUnet ?? plusTe) is not null && kind is "loha" or "lokr")
+            throw new LoraSharpException($"loraplus_*_lr_ratio applies to the up matrices of LoRA / LoCon / DyLoRA, not to {kind}", "config", "network_args");
         return new NetworkSpec
         {
+            LoraPlusUnetRatio = plusUnet,
+            LoraPlusTextEncoderRatio = plusTe,
             Kind = kind,
             KohyaModule = kind switch { "lora" => "networks.lora", "dylora" => "networks.dylora", _ => "lycoris.kohya" },
             Adapter = adapter,

@@ -85,10 +85,24 @@ public sealed class SdTrainConfig
     public int MinTimestep { get; set; }
     public int MaxTimestep { get; set; } = 1000;
     public long? Seed { get; set; }
+    /// <summary>kohya input perturbation: the UNet input is noised with ε + γ·N(0, 1) while the target stays ε.</summary>
+    public double? IpNoiseGamma { get; set; }
+    /// <summary>γ drawn uniformly from [0, ip_noise_gamma) per step.</summary>
+    public bool IpNoiseGammaRandomStrength { get; set; }
+    /// <summary>Rescale the training schedule's betas to zero terminal SNR (Lin et al. 2023, kohya's fix).</summary>
+    public bool ZeroTerminalSnr { get; set; }
+    /// <summary>l2 (default), l1, huber or smooth_l1 (kohya conditional_loss).</summary>
+    public string LossType { get; set; } = "l2";
+    /// <summary>snr (default), exponential or constant: how huber_c varies with the timestep.</summary>
+    public string HuberSchedule { get; set; } = "snr";
+    public double HuberC { get; set; } = 0.1;
+    public double HuberScale { get; set; } = 1.0;
 
     // saving / sampling
     public int? SaveEveryNEpochs { get; set; }
     public int? SaveLastNEpochs { get; set; }
+    public int? SaveEveryNSteps { get; set; }
+    public int? SaveLastNSteps { get; set; }
     public int? SampleEveryNEpochs { get; set; }
     public string? SamplePrompts { get; set; }
     public string SampleSampler { get; set; } = "ddim";
@@ -166,8 +180,17 @@ public sealed class SdTrainConfig
         Int("min_timestep", (c, v) => c.MinTimestep = v, "smallest training timestep"),
         Int("max_timestep", (c, v) => c.MaxTimestep = v, "largest training timestep (exclusive)"),
         new("seed", "integer", (c, v) => c.Seed = Convert.ToInt64(v, CultureInfo.InvariantCulture), "random seed"),
+        Dbl("ip_noise_gamma", (c, v) => c.IpNoiseGamma = v, "input perturbation noise strength (0.1 recommended)"),
+        Bool("ip_noise_gamma_random_strength", (c, v) => c.IpNoiseGammaRandomStrength = v, "draw the perturbation strength from [0, ip_noise_gamma)"),
+        Bool("zero_terminal_snr", (c, v) => c.ZeroTerminalSnr = v, "rescale betas to zero terminal SNR"),
+        Str("loss_type", (c, v) => c.LossType = v, "l2 | l1 | huber | smooth_l1"),
+        Str("huber_schedule", (c, v) => c.HuberSchedule = v, "snr | exponential | constant"),
+        Dbl("huber_c", (c, v) => c.HuberC = v, "Huber threshold (or its decay base for exponential)"),
+        Dbl("huber_scale", (c, v) => c.HuberScale = v, "Huber threshold scale (exponential, constant)"),
         Int("save_every_n_epochs", (c, v) => c.SaveEveryNEpochs = v, "save an adapter every N epochs"),
         Int("save_last_n_epochs", (c, v) => c.SaveLastNEpochs = v, "keep only the last N saved epochs"),
+        Int("save_every_n_steps", (c, v) => c.SaveEveryNSteps = v, "save an adapter every N steps (<output_name>-step00000100)"),
+        Int("save_last_n_steps", (c, v) => c.SaveLastNSteps = v, "keep only the step saves of the last N steps"),
         Int("sample_every_n_epochs", (c, v) => c.SampleEveryNEpochs = v, "sample images every N epochs"),
         Str("sample_prompts", (c, v) => c.SamplePrompts = v, "prompt file (--n --w --h --s --l --d)"),
         Str("sample_sampler", (c, v) => c.SampleSampler = v, "ddim | euler | euler_a | dpmpp_2m | dpmpp_2m_karras"),
@@ -349,6 +372,13 @@ public sealed class SdTrainConfig
         Need(MaxTrainSteps >= 1, "max_train_steps", "must be at least 1");
         Need(Optim.LrSchedule.Names.Contains(LrScheduler), "lr_scheduler", "expected one of: " + string.Join(", ", Optim.LrSchedule.Names));
         Need(LrWarmupSteps >= 0, "lr_warmup_steps", "must not be negative");
+        Need(IpNoiseGamma is null or >= 0, "ip_noise_gamma", "must not be negative");
+        Need(LossType is "l2" or "l1" or "huber" or "smooth_l1", "loss_type", "expected l2, l1, huber or smooth_l1");
+        Need(HuberSchedule is "snr" or "exponential" or "constant", "huber_schedule", "expected snr, exponential or constant");
+        Need(HuberC > 0 && HuberC <= 1 || HuberSchedule == "constant" && HuberC > 0, "huber_c", "must be in (0, 1] (it is a decay base for exponential and a floor for snr)");
+        Need(HuberScale > 0, "huber_scale", "must be positive");
+        Need(SaveEveryNSteps is null or >= 1, "save_every_n_steps", "must be at least 1");
+        Need(SaveLastNSteps is null or >= 1, "save_last_n_steps", "must be at least 1");
         _ = Optim.OptimizerFactory.Normalize(OptimizerType);
         _ = NetworkSpec.From(this);
     }

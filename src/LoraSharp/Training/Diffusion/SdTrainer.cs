@@ -63,6 +63,8 @@ public sealed class SdTrainer : IDisposable
     /// <summary>The loaded model (after <see cref="Train"/> started; the adapter stays attached).</summary>
     public StableDiffusionModel? Model => _model;
     public AdapterHost? Host => _host;
+    /// <summary>The optimizer (after <see cref="Train"/> has built it): its groups show the learning rates, LoRA+ included.</summary>
+    public IGroupedOptimizer? Optimizer => _optimizer;
 
     static ScalarType ComputeDType(string mp) => mp switch { "bf16" => ScalarType.BFloat16, "fp16" => ScalarType.Float16, _ => ScalarType.Float32 };
 
@@ -93,7 +95,7 @@ public sealed class SdTrainer : IDisposable
         var schedule = ScheduleFor(c.PretrainedModelNameOrPath);
         bool vpred = c.VParameterization || schedule.Prediction == PredictionType.VPrediction;
         schedule = schedule with { Prediction = vpred ? PredictionType.VPrediction : PredictionType.Epsilon };
-        var noise = new DiffusionNoise(schedule);
+        var noise = new DiffusionNoise(schedule, c.ZeroTerminalSnr);
         var (tok1, tok2) = LoadTokenizers(c, model);
         // Sample images and GenerateSample run through the txt2img pipeline on this very model (no weights copied):
         // the trained adapter takes part through its forward hooks.
@@ -128,8 +130,10 @@ public sealed class SdTrainer : IDisposable
             adapter = host.Create(AdapterName, spec.Adapter, selector);
         }
         var named = host.NamedTrainableParameters(AdapterName);
-        var unetParams = named.Where(p => ModulePathOf(p.Name).StartsWith("unet.", StringComparison.Ordinal)).Select(p => p.Param).ToList();
-        var teParams = named.Where(p => ModulePathOf(p.Name).StartsWith("text_encoder", StringComparison.Ordinal)).Select(p => p.Param).ToList();
+        var unetNamed = named.Where(p => ModulePathOf(p.Name).StartsWith("unet.", StringComparison.Ordinal)).ToList();
+        var teNamed = named.Where(p => ModulePathOf(p.Name).StartsWith("text_encoder", StringComparison.Ordinal)).ToList();
+        var unetParams = unetNamed.Select(p => p.Param).ToList();
+        var teParams = teNamed.Select(p => p.Param).ToList();
         if (!trainUnet) foreach (var p in unetParams) p.requires_grad = false;
         if (!trainTe) foreach (var p in teParams) p.requires_grad = false;
         long adapterParams = named.Sum(p => p.Param.numel());
@@ -162,8 +166,17 @@ public sealed class SdTrainer : IDisposable
 
         // ---- optimizer
         var groups = new List<ParamGroup>();
-        if (trainUnet && unetParams.Count > 0) groups.Add(new ParamGroup("unet", unetParams, unetLr));
-        if (trainTe && teParams.Count > 0) groups.Add(new ParamGroup("text_encoder", teParams, teLr));
+        if (trainUnet) AddGroups("unet", unetNamed, unetLr, spec.LoraPlusUnetRatio);
+        if (trainTe) AddGroups("text_encoder", teNamed, teLr, spec.LoraPlusTextEncoderRatio);
+        // LoRA+ (kohya networks.lora): the up matrices get their own group at lr × ratio
+        void AddGroups(string name, List<(string Name, TorchSharp.Modules.Parameter Param)> ps, double lr, double? plusRatio)
+        {
+            bool IsUp((string Name, TorchSharp.Modules.Parameter Param) p) => plusRatio is not null && p.Name.EndsWith("/lora_up", StringComparison.Ordinal);
+            var rest = ps.Where(p => !IsUp(p)).Select(p => p.Param).ToList();
+            var up = ps.Where(IsUp).Select(p => p.Param).ToList();
+            if (rest.Count > 0) groups.Add(new ParamGroup(name, rest, lr));
+            if (up.Count > 0) groups.Add(new ParamGroup(name + "_lora_up", up, lr * plusRatio!.Value));
+        }
         _optimizer = OptimizerFactory.Create(optimizerName, groups, c.OptimizerArgs);
         var optimizer = _optimizer;
 
@@ -245,6 +258,19 @@ public sealed class SdTrainer : IDisposable
                 accLoss = 0;
                 losses.Add(loss);
                 emaLoss = double.IsNaN(emaLoss) ? loss : 0.9 * emaLoss + 0.1 * loss;
+                if (c.SaveEveryNSteps is { } everySteps && step % everySteps == 0 && step < totalSteps)
+                {
+                    saved.Add(SaveAdapter(StepFileName(step), metaBase, epoch + 1, step, sdxl));
+                    if (c.SaveLastNSteps is { } keepSteps)
+                    {
+                        // kohya: the save of step (step − N − 1) rounded down to a save step goes; the last N steps' saves stay
+                        long old = step - keepSteps - 1;
+                        old -= old % everySteps;
+                        var oldPath = Path.Combine(c.OutputDir, StepFileName(old));
+                        if (old > 0 && File.Exists(oldPath)) { File.Delete(oldPath); saved.Remove(oldPath); }
+                    }
+                    if (c.SaveState) TrainState.Save(Path.Combine(c.OutputDir, c.OutputName + "-state"), host, optimizer, epoch, step, seed, generator);
+                }
                 if (step % 8 == 0) { GC.Collect(); GC.WaitForPendingFinalizers(); }
                 double sps = stepsThisRun / Math.Max(1e-9, swTotal.Elapsed.TotalSeconds);
                 Progress?.Invoke(new TrainProgress(epoch + 1, epochs, step, totalSteps, loss, emaLoss, optimizer.Groups[0].LearningRate, sps,
@@ -306,6 +332,8 @@ public sealed class SdTrainer : IDisposable
     }
 
     string EpochFileName(int epoch) => $"{_c.OutputName}-{epoch:000000}.{Extension(_c.SaveModelAs)}";
+    /// <summary>kohya's step save name: &lt;output_name&gt;-step&lt;step:08&gt;.</summary>
+    string StepFileName(long step) => $"{_c.OutputName}-step{step:00000000}.{Extension(_c.SaveModelAs)}";
     static string Extension(string saveAs) => saveAs;
 
     static ScheduleConfig ScheduleFor(string modelPath)
@@ -374,7 +402,14 @@ public sealed class SdTrainer : IDisposable
         if (c.NoiseOffset > 0) eps = DiffusionNoise.ApplyNoiseOffset(eps, c.NoiseOffset, generator);
         if (c.MultiresNoiseIterations > 0) eps = DiffusionNoise.PyramidNoise(eps, c.MultiresNoiseIterations, c.MultiresNoiseDiscount, rng, generator);
         var t = DiffusionNoise.SampleTimesteps(b, c.MinTimestep, c.MaxTimestep, device, generator);
-        var noisy = noise.AddNoise(latents, eps, t).to_type(unetParam.dtype);
+        var inputNoise = eps;
+        if (c.IpNoiseGamma is > 0 and var ip)
+        {
+            // input perturbation: the UNet sees x0 noised with ε + γ·ξ, the target stays ε (kohya ip_noise_gamma)
+            double strength = c.IpNoiseGammaRandomStrength ? rand([1], generator: generator).item<float>() * ip : ip;
+            inputNoise = eps + strength * randn(latents.shape, generator: generator).to(device);
+        }
+        var noisy = noise.AddNoise(latents, inputNoise, t).to_type(unetParam.dtype);
         Tensor? timeIds = null;
         if (sdxl)
         {
@@ -383,7 +418,8 @@ public sealed class SdTrainer : IDisposable
         }
         var pred = model.Unet.Predict(noisy, t, context.to_type(unetParam.dtype), sdxl ? pooled.to_type(unetParam.dtype) : null, timeIds).to_type(ScalarType.Float32);
         var target = vpred ? noise.VelocityTarget(latents, eps, t) : eps.to_type(ScalarType.Float32);
-        var perSample = (pred - target).pow(2).mean([1, 2, 3]);
+        var huberC = c.LossType is "huber" or "smooth_l1" ? noise.HuberThreshold(t, c.HuberSchedule, c.HuberC, c.HuberScale) : null;
+        var perSample = DiffusionNoise.Loss(pred, target, c.LossType, huberC).mean([1, 2, 3]);
         var weights = tensor(batch.Select(p => p.Image.IsRegularization ? (float)c.PriorLossWeight : 1f).ToArray(), device: device);
         perSample = perSample * weights;
         if (c.MinSnrGamma is { } gamma) perSample = perSample * noise.MinSnrWeights(t, gamma, vpred).to(device);

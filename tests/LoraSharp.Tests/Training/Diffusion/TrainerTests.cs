@@ -27,7 +27,7 @@ public class TrainerTests
         return Path.GetDirectoryName(concept)!;
     }
 
-    static SdTrainConfig Config(TempDir tmp, string model, string output, params string[] extra)
+    internal static SdTrainConfig Config(TempDir tmp, string model, string output, params string[] extra)
     {
         var c = SdTrainConfig.FromTomlText($"""
             pretrained_model_name_or_path = "{model}"

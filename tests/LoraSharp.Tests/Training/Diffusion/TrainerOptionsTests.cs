@@ -1,0 +1,130 @@
+using LoraSharp.Diffusion;
+using LoraSharp.IO;
+using LoraSharp.Tests.Infrastructure;
+using LoraSharp.Training.Diffusion;
+using static TorchSharp.torch;
+
+namespace LoraSharp.Tests.Training.Diffusion;
+
+/// <summary>kohya's zero_terminal_snr, loss_type (l1 / huber / smooth_l1 with huber_schedule), ip_noise_gamma, save_every_n_steps and LoRA+.</summary>
+[Collection(LoraSharp.Tests.Training.LlmTraining.TorchGlobalStateCollection.Name)]
+public class TrainerOptionsTests
+{
+    [Fact]
+    public void Zero_terminal_snr_matches_the_betas_route_and_ends_at_zero()
+    {
+        var original = ScheduleConfig.StableDiffusion.AlphasCumprod();
+        var noise = new DiffusionNoise(ScheduleConfig.StableDiffusion, zeroTerminalSnr: true);
+        var ac = noise.AlphasCumprod;
+        Assert.Equal(0f, ac[^1]);
+        Assert.Equal(original[0], ac[0], 6);
+        for (int t = 1; t < ac.Count; t++) Assert.True(ac[t] < ac[t - 1]);
+        // kohya's route (Lin et al., Algorithm 1): betas → rescaled √ᾱ → alphas → betas → cumprod
+        var root = original.Select(a => Math.Sqrt(a)).ToArray();
+        double r0 = root[0], rT = root[^1];
+        var bar = root.Select(r => Math.Pow((r - rT) * r0 / (r0 - rT), 2)).ToArray();
+        double cum = 1;
+        for (int t = 0; t < bar.Length; t++)
+        {
+            double alpha = t == 0 ? bar[0] : bar[t] / bar[t - 1];
+            cum *= alpha;
+            Assert.True(Math.Abs(cum - ac[t]) < 1e-6, $"t={t}: {ac[t]} vs {cum}");
+        }
+        // min-SNR weights at SNR 0 take their limits instead of 0/0
+        using var last = tensor(new long[] { 999 });
+        Assert.Equal(1f, noise.MinSnrWeights(last, 5, vPrediction: false).item<float>());
+        Assert.Equal(0f, noise.MinSnrWeights(last, 5, vPrediction: true).item<float>());
+    }
+
+    [Fact]
+    public void Losses_and_huber_thresholds_follow_kohyas_formulas()
+    {
+        using var scope = NewDisposeScope();
+        var pred = tensor(new float[] { 0.5f, -2f, 0f, 1f }).reshape(2, 2, 1, 1);
+        var target = zeros(2, 2, 1, 1);
+        var c = tensor(new float[] { 0.1f, 1f });
+        float[] Values(Tensor t) => t.flatten().data<float>().ToArray();
+        Assert.Equal(new[] { 0.25f, 4f, 0f, 1f }, Values(DiffusionNoise.Loss(pred, target, "l2")));
+        Assert.Equal(new[] { 0.5f, 2f, 0f, 1f }, Values(DiffusionNoise.Loss(pred, target, "l1")));
+        double H(double d, double k) => 2 * k * (Math.Sqrt(d * d + k * k) - k);
+        double S(double d, double k) => 2 * (Math.Sqrt(d * d + k * k) - k);
+        var huber = Values(DiffusionNoise.Loss(pred, target, "huber", c));
+        var smooth = Values(DiffusionNoise.Loss(pred, target, "smooth_l1", c));
+        double[] d = [0.5, -2, 0, 1], k = [0.1, 0.1, 1, 1];
+        for (int i = 0; i < 4; i++)
+        {
+            Assert.Equal(H(d[i], k[i]), huber[i], 5);
+            Assert.Equal(S(d[i], k[i]), smooth[i], 5);
+        }
+        Assert.Throws<ArgumentException>(() => DiffusionNoise.Loss(pred, target, "huber"));
+
+        var noise = new DiffusionNoise();
+        var ts = tensor(new long[] { 0, 500, 999 });
+        var snr = Values(noise.HuberThreshold(ts, "snr", 0.1, 1));
+        for (int i = 0; i < 3; i++)
+        {
+            double a = noise.AlphasCumprod[new[] { 0, 500, 999 }[i]];
+            Assert.Equal(0.9 / Math.Pow(1 + Math.Sqrt((1 - a) / a), 2) + 0.1, snr[i], 5);
+        }
+        Assert.True(snr[0] > 0.9 && snr[2] < 0.11, "snr schedule: large at t=0, → c at the end");
+        var exp = Values(noise.HuberThreshold(ts, "exponential", 0.1, 2));
+        Assert.Equal(2f, exp[0], 5);
+        Assert.Equal(2 * Math.Pow(0.1, 999 / 1000.0), exp[2], 5);
+        Assert.Equal(new[] { 0.2f, 0.2f, 0.2f }, Values(noise.HuberThreshold(ts, "constant", 0.1, 2)));
+    }
+
+    [Fact]
+    public void Kohya_options_train_save_every_n_steps_and_lora_plus_speeds_up_the_up_matrices()
+    {
+        using var tmp = new TempDir();
+        string[] options =
+        [
+            "--max_train_steps", "7", "--save_every_n_steps", "2", "--save_last_n_steps", "2", "--ip_noise_gamma", "0.1", "--zero_terminal_snr",
+            "--loss_type", "huber", "--huber_schedule", "snr", "--min_snr_gamma", "5", "--network_args", "loraplus_lr_ratio=4", "--network_train_unet_only",
+        ];
+        var (result, groups) = TrainerTests.OneThread(() =>
+        {
+            using var t = new SdTrainer(TrainerTests.Config(tmp, LearningTests.TinyModel, "out", options));
+            var r = t.Train();
+            return (r, t.Optimizer!.Groups.Select(g => (g.Name, g.BaseLearningRate, g.Parameters.Count)).ToList());
+        });
+        Assert.Equal(7, result.Steps);
+        Assert.All(result.Losses, l => Assert.True(double.IsFinite(l) && l > 0));
+        // saves at steps 2, 4, 6; save_last_n_steps 2 removed step 2 when step 6 was saved
+        var outDir = Path.Combine(tmp.Path, "out");
+        Assert.False(File.Exists(Path.Combine(outDir, "t-step00000002.safetensors")));
+        Assert.True(File.Exists(Path.Combine(outDir, "t-step00000004.safetensors")));
+        Assert.True(File.Exists(Path.Combine(outDir, "t-step00000006.safetensors")));
+        Assert.True(File.Exists(Path.Combine(outDir, "t.safetensors")));
+        using (var f = SafetensorsFile.Open(Path.Combine(outDir, "t-step00000004.safetensors")))
+            Assert.Equal("4", f.Metadata["ss_steps"]);
+        using (var f = SafetensorsFile.Open(result.AdapterPath))
+        {
+            Assert.Equal("huber", f.Metadata["ss_loss_type"]);
+            Assert.Equal("snr", f.Metadata["ss_huber_schedule"]);
+            Assert.Equal("0.1", f.Metadata["ss_huber_c"]);
+            Assert.Equal("True", f.Metadata["ss_zero_terminal_snr"]);
+            Assert.Equal("0.1", f.Metadata["ss_ip_noise_gamma"]);
+            Assert.Contains("\"loraplus_lr_ratio\":\"4\"", f.Metadata["ss_network_args"]);
+        }
+        // LoRA+: the up matrices have their own group at 4 × the learning rate
+        Assert.Equal(2, groups.Count);
+        var (name, lr, count) = groups.Single(g => g.Name == "unet_lora_up");
+        Assert.Equal(4 * groups.Single(g => g.Name == "unet").BaseLearningRate, lr, 12);
+        Assert.True(count > 0);
+
+        // one step from zero-initialised up matrices: AdamW moves each by lr (× ratio with LoRA+)
+        double MaxUp(params string[] extra)
+        {
+            using var t2 = new TempDir();
+            return TrainerTests.OneThread(() =>
+            {
+                using var t = new SdTrainer(TrainerTests.Config(t2, LearningTests.TinyModel, "out", ["--max_train_steps", "1", "--network_train_unet_only", "--max_grad_norm", "0", .. extra]));
+                t.Train();
+                return t.Host!.NamedTrainableParameters().Where(p => p.Name.EndsWith("/lora_up", StringComparison.Ordinal)).Max(p => p.Param.abs().max().item<float>());
+            });
+        }
+        double plain = MaxUp(), plus = MaxUp("--network_args", "loraplus_lr_ratio=4");
+        Assert.Equal(4, plus / plain, 2);
+    }
+}
