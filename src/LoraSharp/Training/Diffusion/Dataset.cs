@@ -89,21 +89,27 @@ public static partial class FolderDataset
 }
 
 /// <summary>kohya caption processing per step: caption dropout, tag shuffle with the first <c>keep_tokens</c> tags fixed.</summary>
-public sealed class CaptionProcessor(bool shuffle, int keepTokens, double dropoutRate)
+public sealed class CaptionProcessor(bool shuffle, int keepTokens, double dropoutRate, double tagDropoutRate = 0, int dropoutEveryNEpochs = 0)
 {
     public bool Shuffle { get; } = shuffle;
     public int KeepTokens { get; } = keepTokens;
     public double DropoutRate { get; } = dropoutRate;
+    /// <summary>kohya caption_tag_dropout_rate: each tag after the first keep_tokens is dropped with this probability.</summary>
+    public double TagDropoutRate { get; } = tagDropoutRate;
+    /// <summary>kohya caption_dropout_every_n_epochs: every caption of epochs N, 2N, … (1-based) is empty.</summary>
+    public int DropoutEveryNEpochs { get; } = dropoutEveryNEpochs;
 
-    /// <summary>The caption for one step ("" when dropped).</summary>
-    public string Process(string caption, Random rng)
+    /// <summary>The caption for one step ("" when dropped); <paramref name="epoch"/> is 1-based (0 = unknown).</summary>
+    public string Process(string caption, Random rng, int epoch = 0)
     {
         if (DropoutRate > 0 && rng.NextDouble() < DropoutRate) return "";
-        if (!Shuffle) return caption;
+        if (DropoutEveryNEpochs > 0 && epoch > 0 && epoch % DropoutEveryNEpochs == 0) return "";
+        if (!Shuffle && TagDropoutRate <= 0) return caption;
         var tags = caption.Split(',').Select(t => t.Trim()).Where(t => t.Length > 0).ToList();
         int keep = Math.Min(KeepTokens, tags.Count);
         var rest = tags.Skip(keep).ToArray();
-        rng.Shuffle(rest);
+        if (Shuffle) rng.Shuffle(rest);
+        if (TagDropoutRate > 0) rest = rest.Where(_ => rng.NextDouble() >= TagDropoutRate).ToArray();
         return string.Join(", ", tags.Take(keep).Concat(rest));
     }
 }

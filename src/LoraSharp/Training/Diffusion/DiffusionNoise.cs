@@ -132,6 +132,36 @@ public sealed class DiffusionNoise
     }
 
     /// <summary>
+    /// kohya apply_noise_offset with adaptive_noise_scale s: the offset per (sample, channel) is max(0, c + s·|mean of
+    /// the latent over H, W|), times N(0, 1) broadcast over H, W.
+    /// </summary>
+    public static Tensor ApplyAdaptiveNoiseOffset(Tensor noise, Tensor latents, double offset, double adaptiveScale, Generator? generator = null)
+    {
+        using var scope = NewDisposeScope();
+        var perChannel = (offset + adaptiveScale * latents.to_type(ScalarType.Float32).mean([2, 3], keepdim: true).abs()).clamp_min(0);
+        var extra = randn([noise.shape[0], noise.shape[1], 1, 1], dtype: ScalarType.Float32, generator: generator).to(noise.device);
+        return (noise + (perChannel * extra).to_type(noise.dtype)).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>
+    /// kohya's SNR loss terms after min-SNR, in its order, with SNR capped at 1000: scale_v_pred_loss_like_noise_pred
+    /// (× SNR/(SNR+1)), v_pred_like_loss v (+ v·loss·(SNR+1)/SNR), debiased_estimation_loss (× 1/√SNR).
+    /// </summary>
+    public Tensor SnrLossTerms(Tensor perSample, Tensor timesteps, bool scaleVPredLikeNoisePred, double? vPredLikeLoss, bool debiased)
+    {
+        if (!scaleVPredLikeNoisePred && vPredLikeLoss is null && !debiased) return perSample;
+        using var scope = NewDisposeScope();
+        var ts = timesteps.to(DeviceType.CPU).data<long>().ToArray();
+        var snr = tensor(ts.Select(t => (float)Math.Min(Snr((int)t), 1000)).ToArray(), device: perSample.device);
+        var scale = snr / (snr + 1);
+        var loss = perSample;
+        if (scaleVPredLikeNoisePred) loss = loss * scale;
+        if (vPredLikeLoss is { } v) loss = loss + loss / scale * v;
+        if (debiased) loss = loss / snr.sqrt();
+        return loss.MoveToOuterDisposeScope();
+    }
+
+    /// <summary>
     /// kohya pyramid_noise_like: for i = 0..iterations−1, r = 2 + 2·U(0,1), add bilinear-upsampled N(0,1) noise of size
     /// max(1, ⌊H/rⁱ⌋) × max(1, ⌊W/rⁱ⌋) scaled by discountⁱ (stop after a 1-pixel level), then divide by the std.
     /// </summary>

@@ -12,6 +12,8 @@ public static class KohyaMetadata
     static string S(double v) => v.ToString("R", CultureInfo.InvariantCulture);
     static string S(long v) => v.ToString(CultureInfo.InvariantCulture);
     static string B(bool v) => v ? "True" : "False";
+    /// <summary>A float as Python's str() writes it (kohya stores args with str): 1 → "1.0", 0.1 → "0.1".</summary>
+    static string PyFloat(double v) => double.IsFinite(v) && v == Math.Floor(v) && Math.Abs(v) < 1e16 ? v.ToString("0.0", CultureInfo.InvariantCulture) : S(v);
 
     /// <summary>kohya's optimizer description: the Python class path and its arguments.</summary>
     public static string OptimizerDescription(IGroupedOptimizer o, IEnumerable<string> args)
@@ -83,23 +85,24 @@ public static class KohyaMetadata
             ["ss_noise_offset"] = c.NoiseOffset > 0 ? S(c.NoiseOffset) : "None",
             ["ss_multires_noise_iterations"] = c.MultiresNoiseIterations > 0 ? S(c.MultiresNoiseIterations) : "None",
             ["ss_multires_noise_discount"] = S(c.MultiresNoiseDiscount),
-            ["ss_adaptive_noise_scale"] = "None",
+            ["ss_adaptive_noise_scale"] = c.AdaptiveNoiseScale is { } ans ? PyFloat(ans) : "None",
+            ["ss_noise_offset_random_strength"] = B(c.NoiseOffsetRandomStrength),
             ["ss_zero_terminal_snr"] = B(c.ZeroTerminalSnr),
             ["ss_min_snr_gamma"] = c.MinSnrGamma is { } g ? S(g) : "None",
-            ["ss_ip_noise_gamma"] = c.IpNoiseGamma is { } ip ? S(ip) : "None",
+            ["ss_ip_noise_gamma"] = c.IpNoiseGamma is { } ip ? PyFloat(ip) : "None",
             ["ss_ip_noise_gamma_random_strength"] = B(c.IpNoiseGammaRandomStrength),
-            ["ss_debiased_estimation"] = "False",
+            ["ss_debiased_estimation"] = B(c.DebiasedEstimationLoss),
             ["ss_loss_type"] = c.LossType,
             ["ss_huber_schedule"] = c.HuberSchedule,
-            ["ss_huber_scale"] = S(c.HuberScale),
-            ["ss_huber_c"] = S(c.HuberC),
+            ["ss_huber_scale"] = PyFloat(c.HuberScale),
+            ["ss_huber_c"] = PyFloat(c.HuberC),
             ["ss_training_comment"] = c.TrainingComment ?? "None",
             ["ss_sd_scripts_commit_hash"] = "LoraSharp",
             ["ss_optimizer"] = OptimizerDescription(optimizer, c.OptimizerArgs),
             ["ss_max_grad_norm"] = S(c.MaxGradNorm),
             ["ss_caption_dropout_rate"] = S(c.CaptionDropoutRate),
-            ["ss_caption_dropout_every_n_epochs"] = "0",
-            ["ss_caption_tag_dropout_rate"] = "0.0",
+            ["ss_caption_dropout_every_n_epochs"] = S(c.CaptionDropoutEveryNEpochs),
+            ["ss_caption_tag_dropout_rate"] = PyFloat(c.CaptionTagDropoutRate),
             ["ss_face_crop_aug_range"] = "None",
             ["ss_prior_loss_weight"] = S(c.PriorLossWeight),
             ["ss_scale_weight_norms"] = "None",

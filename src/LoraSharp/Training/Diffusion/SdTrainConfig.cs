@@ -91,6 +91,18 @@ public sealed class SdTrainConfig
     public bool IpNoiseGammaRandomStrength { get; set; }
     /// <summary>Rescale the training schedule's betas to zero terminal SNR (Lin et al. 2023, kohya's fix).</summary>
     public bool ZeroTerminalSnr { get; set; }
+    /// <summary>noise_offset is scaled by U(0, 1) per step.</summary>
+    public bool NoiseOffsetRandomStrength { get; set; }
+    /// <summary>The noise offset grows by this × |mean of the latent| per (sample, channel).</summary>
+    public double? AdaptiveNoiseScale { get; set; }
+    /// <summary>Weight each sample's loss by 1/√SNR (SNR capped at 1000).</summary>
+    public bool DebiasedEstimationLoss { get; set; }
+    /// <summary>Scale a v-prediction loss by SNR/(SNR+1) (SNR capped at 1000), like an ε loss.</summary>
+    public bool ScaleVPredLossLikeNoisePred { get; set; }
+    /// <summary>Add this × loss·(SNR+1)/SNR (a v-prediction-like term) to the loss.</summary>
+    public double? VPredLikeLoss { get; set; }
+    public double CaptionTagDropoutRate { get; set; }
+    public int CaptionDropoutEveryNEpochs { get; set; }
     /// <summary>l2 (default), l1, huber or smooth_l1 (kohya conditional_loss).</summary>
     public string LossType { get; set; } = "l2";
     /// <summary>snr (default), exponential or constant: how huber_c varies with the timestep.</summary>
@@ -183,6 +195,13 @@ public sealed class SdTrainConfig
         Dbl("ip_noise_gamma", (c, v) => c.IpNoiseGamma = v, "input perturbation noise strength (0.1 recommended)"),
         Bool("ip_noise_gamma_random_strength", (c, v) => c.IpNoiseGammaRandomStrength = v, "draw the perturbation strength from [0, ip_noise_gamma)"),
         Bool("zero_terminal_snr", (c, v) => c.ZeroTerminalSnr = v, "rescale betas to zero terminal SNR"),
+        Bool("noise_offset_random_strength", (c, v) => c.NoiseOffsetRandomStrength = v, "scale noise_offset by U(0, 1) per step"),
+        Dbl("adaptive_noise_scale", (c, v) => c.AdaptiveNoiseScale = v, "add this × |latent mean| to noise_offset"),
+        Bool("debiased_estimation_loss", (c, v) => c.DebiasedEstimationLoss = v, "weight the loss by 1/√SNR"),
+        Bool("scale_v_pred_loss_like_noise_pred", (c, v) => c.ScaleVPredLossLikeNoisePred = v, "scale a v-prediction loss by SNR/(SNR+1)"),
+        Dbl("v_pred_like_loss", (c, v) => c.VPredLikeLoss = v, "add a v-prediction-like loss term of this weight"),
+        Dbl("caption_tag_dropout_rate", (c, v) => c.CaptionTagDropoutRate = v, "drop each tag (after keep_tokens) with this probability"),
+        Int("caption_dropout_every_n_epochs", (c, v) => c.CaptionDropoutEveryNEpochs = v, "empty captions in every N-th epoch"),
         Str("loss_type", (c, v) => c.LossType = v, "l2 | l1 | huber | smooth_l1"),
         Str("huber_schedule", (c, v) => c.HuberSchedule = v, "snr | exponential | constant"),
         Dbl("huber_c", (c, v) => c.HuberC = v, "Huber threshold (or its decay base for exponential)"),
@@ -373,6 +392,11 @@ public sealed class SdTrainConfig
         Need(Optim.LrSchedule.Names.Contains(LrScheduler), "lr_scheduler", "expected one of: " + string.Join(", ", Optim.LrSchedule.Names));
         Need(LrWarmupSteps >= 0, "lr_warmup_steps", "must not be negative");
         Need(IpNoiseGamma is null or >= 0, "ip_noise_gamma", "must not be negative");
+        Need(CaptionTagDropoutRate is >= 0 and <= 1, "caption_tag_dropout_rate", "must be in [0, 1]");
+        Need(CaptionDropoutEveryNEpochs >= 0, "caption_dropout_every_n_epochs", "must not be negative");
+        Need(AdaptiveNoiseScale is null || NoiseOffset > 0, "adaptive_noise_scale", "needs noise_offset (kohya applies it to the noise offset)");
+        Need(!(ZeroTerminalSnr && MaxTimestep == 1000 && (DebiasedEstimationLoss || VPredLikeLoss is not null)), DebiasedEstimationLoss ? "debiased_estimation_loss" : "v_pred_like_loss",
+            "divides by the SNR, which is 0 at the last timestep of a zero_terminal_snr schedule: set max_timestep below 1000 or drop one of the two");
         Need(LossType is "l2" or "l1" or "huber" or "smooth_l1", "loss_type", "expected l2, l1, huber or smooth_l1");
         Need(HuberSchedule is "snr" or "exponential" or "constant", "huber_schedule", "expected snr, exponential or constant");
         Need(HuberC > 0 && HuberC <= 1 || HuberSchedule == "constant" && HuberC > 0, "huber_c", "must be in (0, 1] (it is a decay base for exponential and a floor for snr)");

@@ -218,7 +218,7 @@ public sealed class SdTrainer : IDisposable
         var saved = new List<string>();
         var samples = new List<string>();
         var losses = new List<double>();
-        var captions = new CaptionProcessor(c.ShuffleCaption, c.KeepTokens, c.CaptionDropoutRate);
+        var captions = new CaptionProcessor(c.ShuffleCaption, c.KeepTokens, c.CaptionDropoutRate, c.CaptionTagDropoutRate, c.CaptionDropoutEveryNEpochs);
         var sampleFile = c.SamplePrompts is { Length: > 0 } sp ? SamplePromptFile.Read(sp) : null;
         if (sampleFile is not null)
             foreach (var sampler in sampleFile.Select(p => p.Sampler ?? c.SampleSampler).Prepend(c.SampleSampler).Distinct())
@@ -239,7 +239,7 @@ public sealed class SdTrainer : IDisposable
             for (int bi = 0; bi < batches.Count && step < totalSteps; bi++)
             {
                 cancel.ThrowIfCancellationRequested();
-                double lossValue = TrainBatch(batches[bi], captions, rng, noise, tok1, tok2, sdxl, vpred, trainTe, c.GradientAccumulationSteps, generator);
+                double lossValue = TrainBatch(epoch + 1, batches[bi], captions, rng, noise, tok1, tok2, sdxl, vpred, trainTe, c.GradientAccumulationSteps, generator);
                 accLoss += lossValue;
                 accumulated++;
                 bool last = bi == batches.Count - 1;
@@ -379,7 +379,7 @@ public sealed class SdTrainer : IDisposable
         return (ctx, o2.TextEmbeds!.clone());
     }
 
-    double TrainBatch(List<PlacedImage> batch, CaptionProcessor captions, Random rng, DiffusionNoise noise, ClipTokenizer tok1, ClipTokenizer? tok2,
+    double TrainBatch(int epoch, List<PlacedImage> batch, CaptionProcessor captions, Random rng, DiffusionNoise noise, ClipTokenizer tok1, ClipTokenizer? tok2,
         bool sdxl, bool vpred, bool trainTe, int accumulation, Generator generator)
     {
         var c = _c;
@@ -388,7 +388,7 @@ public sealed class SdTrainer : IDisposable
         var unetParam = model.Unet.parameters().First();
         var device = unetParam.device;
         var latents = stack(batch.Select(p => _cache!.Get(p)).ToArray()).to(device);
-        var texts = batch.Select(p => captions.Process(p.Image.Caption, rng)).ToList();
+        var texts = batch.Select(p => captions.Process(p.Image.Caption, rng, epoch)).ToList();
         Tensor context, pooled;
         if (trainTe) { var (ctx, pl) = EncodeText(texts, tok1, tok2, sdxl); context = ctx; pooled = pl!; }
         else
@@ -399,7 +399,13 @@ public sealed class SdTrainer : IDisposable
         }
         long b = latents.shape[0];
         var eps = randn(latents.shape, generator: generator).to(device);
-        if (c.NoiseOffset > 0) eps = DiffusionNoise.ApplyNoiseOffset(eps, c.NoiseOffset, generator);
+        if (c.NoiseOffset > 0)
+        {
+            double offset = c.NoiseOffsetRandomStrength ? rand([1], generator: generator).item<float>() * c.NoiseOffset : c.NoiseOffset;
+            eps = c.AdaptiveNoiseScale is { } adaptive
+                ? DiffusionNoise.ApplyAdaptiveNoiseOffset(eps, latents, offset, adaptive, generator)
+                : DiffusionNoise.ApplyNoiseOffset(eps, offset, generator);
+        }
         if (c.MultiresNoiseIterations > 0) eps = DiffusionNoise.PyramidNoise(eps, c.MultiresNoiseIterations, c.MultiresNoiseDiscount, rng, generator);
         var t = DiffusionNoise.SampleTimesteps(b, c.MinTimestep, c.MaxTimestep, device, generator);
         var inputNoise = eps;
@@ -423,6 +429,7 @@ public sealed class SdTrainer : IDisposable
         var weights = tensor(batch.Select(p => p.Image.IsRegularization ? (float)c.PriorLossWeight : 1f).ToArray(), device: device);
         perSample = perSample * weights;
         if (c.MinSnrGamma is { } gamma) perSample = perSample * noise.MinSnrWeights(t, gamma, vpred).to(device);
+        perSample = noise.SnrLossTerms(perSample, t, c.ScaleVPredLossLikeNoisePred, c.VPredLikeLoss, c.DebiasedEstimationLoss);
         var loss = perSample.mean();
         (loss / accumulation).backward();
         return loss.item<float>();

@@ -127,4 +127,71 @@ public class TrainerOptionsTests
         double plain = MaxUp(), plus = MaxUp("--network_args", "loraplus_lr_ratio=4");
         Assert.Equal(4, plus / plain, 2);
     }
+
+    [Fact]
+    public void Snr_loss_terms_noise_offsets_and_caption_dropouts_follow_kohya()
+    {
+        using var scope = NewDisposeScope();
+        var noise = new DiffusionNoise();
+        var ts = tensor(new long[] { 0, 300, 900 });
+        var loss = tensor(new float[] { 1f, 2f, 3f });
+        double[] snr = ts.data<long>().ToArray().Select(t => Math.Min(noise.Snr((int)t), 1000)).ToArray();
+        float[] Run(bool scaleV, double? vlike, bool debiased) => noise.SnrLossTerms(loss, ts, scaleV, vlike, debiased).data<float>().ToArray();
+        for (int i = 0; i < 3; i++)
+        {
+            double l = i + 1, sc = snr[i] / (snr[i] + 1);
+            Assert.Equal(l * sc, Run(true, null, false)[i], 4);
+            Assert.Equal(l + l / sc * 0.5, Run(false, 0.5, false)[i], 4);
+            Assert.Equal(l / Math.Sqrt(snr[i]), Run(false, null, true)[i], 4);
+            double all = l * sc;
+            all += all / sc * 0.5;
+            Assert.Equal(all / Math.Sqrt(snr[i]), Run(true, 0.5, true)[i], 4);
+        }
+        Assert.Same(loss, noise.SnrLossTerms(loss, ts, false, null, false));
+
+        // adaptive noise offset: per (sample, channel) max(0, c + s·|latent mean|) · N(0, 1)
+        var latents = tensor(new float[] { 2f, -4f }).reshape(1, 2, 1, 1).expand(1, 2, 4, 4).contiguous();
+        var eps = zeros(1, 2, 4, 4);
+        var shifted = DiffusionNoise.ApplyAdaptiveNoiseOffset(eps, latents, 0.1, 0.5, new TorchSharp.torch.Generator(7));
+        var z = randn([1, 2, 1, 1], generator: new TorchSharp.torch.Generator(7));
+        var expected = (tensor(new float[] { 0.1f + 0.5f * 2, 0.1f + 0.5f * 4 }).reshape(1, 2, 1, 1) * z).expand(1, 2, 4, 4);
+        Assert.True((shifted - expected).abs().max().item<float>() < 1e-6);
+
+        // caption tag dropout keeps the first keep_tokens tags; caption_dropout_every_n_epochs empties epochs N, 2N, …
+        var all1 = new CaptionProcessor(false, 1, 0, tagDropoutRate: 1.0);
+        Assert.Equal("sks", all1.Process("sks, red, round, big", new Random(1)));
+        var half = new CaptionProcessor(false, 0, 0, tagDropoutRate: 0.5);
+        var rng = new Random(2);
+        double kept = Enumerable.Range(0, 400).Average(_ => half.Process("a, b, c, d", rng).Split(", ", StringSplitOptions.RemoveEmptyEntries).Length) / 4;
+        Assert.InRange(kept, 0.42, 0.58);
+        var every = new CaptionProcessor(false, 0, 0, dropoutEveryNEpochs: 2);
+        Assert.Equal("sks, red", every.Process("sks, red", new Random(3), epoch: 1));
+        Assert.Equal("", every.Process("sks, red", new Random(3), epoch: 2));
+        Assert.Equal("sks, red", every.Process("sks, red", new Random(3), epoch: 3));
+    }
+
+    [Fact]
+    public void Noise_offset_strengths_snr_losses_and_caption_dropouts_train_and_are_recorded()
+    {
+        using var tmp = new TempDir();
+        var result = TrainerTests.OneThread(() =>
+        {
+            using var t = new SdTrainer(TrainerTests.Config(tmp, LearningTests.TinyModel, "out", "--max_train_steps", "3", "--noise_offset", "0.05",
+                "--noise_offset_random_strength", "--adaptive_noise_scale", "0.1", "--debiased_estimation_loss", "--v_pred_like_loss", "0.2",
+                "--caption_tag_dropout_rate", "0.3", "--caption_dropout_every_n_epochs", "2", "--loss_type", "smooth_l1", "--huber_schedule", "exponential"));
+            return t.Train();
+        });
+        Assert.All(result.Losses, l => Assert.True(double.IsFinite(l) && l > 0));
+        using var f = SafetensorsFile.Open(result.AdapterPath);
+        Assert.Equal("True", f.Metadata["ss_noise_offset_random_strength"]);
+        Assert.Equal("0.1", f.Metadata["ss_adaptive_noise_scale"]);
+        Assert.Equal("True", f.Metadata["ss_debiased_estimation"]);
+        Assert.Equal("0.3", f.Metadata["ss_caption_tag_dropout_rate"]);
+        Assert.Equal("2", f.Metadata["ss_caption_dropout_every_n_epochs"]);
+        Assert.Equal("smooth_l1", f.Metadata["ss_loss_type"]);
+        Assert.Equal("1.0", f.Metadata["ss_huber_scale"]);
+
+        var bad = Assert.Throws<LoraSharpException>(() => TrainerTests.Config(tmp, LearningTests.TinyModel, "out2", "--zero_terminal_snr", "--debiased_estimation_loss").Validate());
+        Assert.Equal("debiased_estimation_loss", bad.Key);
+    }
 }
