@@ -3,8 +3,15 @@ using System.Text.RegularExpressions;
 
 namespace LoraSharp.Training.Diffusion;
 
-/// <summary>One <c>&lt;repeats&gt;_&lt;class tokens&gt;</c> folder (kohya DreamBooth convention).</summary>
-public sealed record ConceptFolder(string Path, string Name, int Repeats, string ClassTokens, bool IsRegularization);
+/// <summary>kohya's per-step caption options (global, or per subset of a dataset config).</summary>
+public sealed record CaptionSettings(bool Shuffle = false, int KeepTokens = 0, double DropoutRate = 0, double TagDropoutRate = 0, int DropoutEveryNEpochs = 0);
+
+/// <summary>
+/// One <c>&lt;repeats&gt;_&lt;class tokens&gt;</c> folder (kohya DreamBooth convention), or one subset of a dataset config
+/// (which may carry its own caption extension and caption options; null = the run's).
+/// </summary>
+public sealed record ConceptFolder(string Path, string Name, int Repeats, string ClassTokens, bool IsRegularization,
+    string? CaptionExtension = null, CaptionSettings? Captions = null);
 
 /// <summary>One training image with its caption (sidecar file, or the folder's class tokens).</summary>
 public sealed record TrainImage(string Path, string Caption, ConceptFolder Folder)
@@ -58,7 +65,10 @@ public static partial class FolderDataset
         foreach (var file in Directory.GetFiles(folder.Path).OrderBy(f => f, StringComparer.Ordinal))
         {
             if (!ImageExtensions.Contains(System.IO.Path.GetExtension(file).ToLowerInvariant())) continue;
-            list.Add(new TrainImage(file, ReadCaption(file, captionExtension) ?? folder.ClassTokens, folder));
+            var caption = ReadCaption(file, folder.CaptionExtension ?? captionExtension) ?? folder.ClassTokens;
+            if (caption.Length == 0 && folder.CaptionExtension is not null)
+                throw new LoraSharpException($"no caption file ({folder.CaptionExtension}) and the subset has no class_tokens", file, "class_tokens");
+            list.Add(new TrainImage(file, caption, folder));
         }
         return list;
     }
@@ -88,28 +98,32 @@ public static partial class FolderDataset
     }
 }
 
-/// <summary>kohya caption processing per step: caption dropout, tag shuffle with the first <c>keep_tokens</c> tags fixed.</summary>
-public sealed class CaptionProcessor(bool shuffle, int keepTokens, double dropoutRate, double tagDropoutRate = 0, int dropoutEveryNEpochs = 0)
+/// <summary>
+/// kohya caption processing per step: caption dropout (by rate, and every N-th epoch), tag shuffle and tag dropout
+/// with the first <c>keep_tokens</c> tags fixed — with the image's subset settings when it has them.
+/// </summary>
+public sealed class CaptionProcessor(CaptionSettings settings)
 {
-    public bool Shuffle { get; } = shuffle;
-    public int KeepTokens { get; } = keepTokens;
-    public double DropoutRate { get; } = dropoutRate;
-    /// <summary>kohya caption_tag_dropout_rate: each tag after the first keep_tokens is dropped with this probability.</summary>
-    public double TagDropoutRate { get; } = tagDropoutRate;
-    /// <summary>kohya caption_dropout_every_n_epochs: every caption of epochs N, 2N, … (1-based) is empty.</summary>
-    public int DropoutEveryNEpochs { get; } = dropoutEveryNEpochs;
+    public CaptionProcessor(bool shuffle, int keepTokens, double dropoutRate, double tagDropoutRate = 0, int dropoutEveryNEpochs = 0)
+        : this(new CaptionSettings(shuffle, keepTokens, dropoutRate, tagDropoutRate, dropoutEveryNEpochs)) { }
+
+    public CaptionSettings Settings { get; } = settings;
+
+    /// <summary>The caption of an image for one step, with its subset's settings if any.</summary>
+    public string Process(TrainImage image, Random rng, int epoch = 0) => Process(image.Caption, rng, epoch, image.Folder.Captions);
 
     /// <summary>The caption for one step ("" when dropped); <paramref name="epoch"/> is 1-based (0 = unknown).</summary>
-    public string Process(string caption, Random rng, int epoch = 0)
+    public string Process(string caption, Random rng, int epoch = 0, CaptionSettings? settings = null)
     {
-        if (DropoutRate > 0 && rng.NextDouble() < DropoutRate) return "";
-        if (DropoutEveryNEpochs > 0 && epoch > 0 && epoch % DropoutEveryNEpochs == 0) return "";
-        if (!Shuffle && TagDropoutRate <= 0) return caption;
+        var s = settings ?? Settings;
+        if (s.DropoutRate > 0 && rng.NextDouble() < s.DropoutRate) return "";
+        if (s.DropoutEveryNEpochs > 0 && epoch > 0 && epoch % s.DropoutEveryNEpochs == 0) return "";
+        if (!s.Shuffle && s.TagDropoutRate <= 0) return caption;
         var tags = caption.Split(',').Select(t => t.Trim()).Where(t => t.Length > 0).ToList();
-        int keep = Math.Min(KeepTokens, tags.Count);
+        int keep = Math.Min(s.KeepTokens, tags.Count);
         var rest = tags.Skip(keep).ToArray();
-        if (Shuffle) rng.Shuffle(rest);
-        if (TagDropoutRate > 0) rest = rest.Where(_ => rng.NextDouble() >= TagDropoutRate).ToArray();
+        if (s.Shuffle) rng.Shuffle(rest);
+        if (s.TagDropoutRate > 0) rest = rest.Where(_ => rng.NextDouble() >= s.TagDropoutRate).ToArray();
         return string.Join(", ", tags.Take(keep).Concat(rest));
     }
 }

@@ -22,6 +22,8 @@ public sealed class SdTrainConfig
 
     // data
     public string TrainDataDir { get; set; } = "";
+    /// <summary>kohya's dataset config TOML (<see cref="Diffusion.DatasetConfig"/>); replaces train_data_dir / reg_data_dir.</summary>
+    public string? DatasetConfig { get; set; }
     public string? RegDataDir { get; set; }
     public string OutputDir { get; set; } = "";
     public string OutputName { get; set; } = "last";
@@ -138,6 +140,7 @@ public sealed class SdTrainConfig
         Bool("v_parameterization", (c, v) => c.VParameterization = v, "v-prediction loss"),
         Int("clip_skip", (c, v) => c.ClipSkip = v, "use hidden state [-n] of the text encoder"),
         Str("train_data_dir", (c, v) => c.TrainDataDir = v, "folder of <repeats>_<class tokens> subfolders"),
+        Str("dataset_config", (c, v) => c.DatasetConfig = v, "kohya dataset TOML ([general], [[datasets]], [[datasets.subsets]]) instead of train_data_dir"),
         Str("reg_data_dir", (c, v) => c.RegDataDir = v, "regularisation folder"),
         Str("output_dir", (c, v) => c.OutputDir = v, "where adapters, samples and the loss curve go"),
         Str("output_name", (c, v) => c.OutputName = v, "file name of the adapter"),
@@ -372,7 +375,8 @@ public sealed class SdTrainConfig
     {
         void Need(bool ok, string key, string what) { if (!ok) throw new LoraSharpException(what, _source, key); }
         Need(PretrainedModelNameOrPath.Length > 0, "pretrained_model_name_or_path", "is required");
-        Need(TrainDataDir.Length > 0, "train_data_dir", "is required");
+        Need(TrainDataDir.Length > 0 || DatasetConfig is { Length: > 0 }, "train_data_dir", "is required (or dataset_config)");
+        Need(!(TrainDataDir.Length > 0 && DatasetConfig is { Length: > 0 }), "dataset_config", "give either train_data_dir or dataset_config, not both (kohya ignores the folder then)");
         Need(OutputDir.Length > 0, "output_dir", "is required");
         Need(NetworkDim >= 1, "network_dim", "must be at least 1");
         Need(TrainBatchSize >= 1, "train_batch_size", "must be at least 1");

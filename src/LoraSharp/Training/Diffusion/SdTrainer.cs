@@ -388,7 +388,7 @@ public sealed class SdTrainer : IDisposable
         var unetParam = model.Unet.parameters().First();
         var device = unetParam.device;
         var latents = stack(batch.Select(p => _cache!.Get(p)).ToArray()).to(device);
-        var texts = batch.Select(p => captions.Process(p.Image.Caption, rng, epoch)).ToList();
+        var texts = batch.Select(p => captions.Process(p.Image, rng, epoch)).ToList();
         Tensor context, pooled;
         if (trainTe) { var (ctx, pl) = EncodeText(texts, tok1, tok2, sdxl); context = ctx; pooled = pl!; }
         else

@@ -29,9 +29,19 @@ public sealed class TrainingDataset
     public static TrainingDataset Load(SdTrainConfig c, int minSide = 32)
     {
         var problems = new List<string>();
+        List<ConceptFolder> folders;
+        if (c.DatasetConfig is { Length: > 0 } datasetConfig)
+        {
+            // the dataset's resolution, batch size and buckets override the run's: read them before the buckets exist
+            folders = DatasetConfig.Apply(datasetConfig, c);
+            c.Validate();
+        }
+        else
+        {
+            folders = FolderDataset.Concepts(c.TrainDataDir, false, problems);
+            if (c.RegDataDir is { Length: > 0 } reg) folders.AddRange(FolderDataset.Concepts(reg, true, problems));
+        }
         var buckets = new BucketManager(c.Resolution, c.EnableBucket, c.MinBucketReso, c.MaxBucketReso, c.BucketResoSteps, c.BucketNoUpscale);
-        var folders = FolderDataset.Concepts(c.TrainDataDir, false, problems);
-        if (c.RegDataDir is { Length: > 0 } reg) folders.AddRange(FolderDataset.Concepts(reg, true, problems));
         var train = new List<PlacedImage>();
         var regs = new List<PlacedImage>();
         foreach (var f in folders)
@@ -50,7 +60,9 @@ public sealed class TrainingDataset
             }
         }
         if (train.Count == 0)
-            throw new LoraSharpException("no usable training images (expected <repeats>_<class tokens> folders with png/jpg/webp images)", c.TrainDataDir, "train_data_dir");
+            throw c.DatasetConfig is { Length: > 0 } dc
+                ? new LoraSharpException("no usable training images in the subsets (is_reg = false) of the dataset config", dc, "datasets.subsets.image_dir")
+                : new LoraSharpException("no usable training images (expected <repeats>_<class tokens> folders with png/jpg/webp images)", c.TrainDataDir, "train_data_dir");
         return new TrainingDataset { Train = train, Regularization = regs, Folders = folders, Problems = problems, Buckets = buckets };
     }
 

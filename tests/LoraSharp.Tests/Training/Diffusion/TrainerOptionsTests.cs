@@ -194,4 +194,116 @@ public class TrainerOptionsTests
         var bad = Assert.Throws<LoraSharpException>(() => TrainerTests.Config(tmp, LearningTests.TinyModel, "out2", "--zero_terminal_snr", "--debiased_estimation_loss").Validate());
         Assert.Equal("debiased_estimation_loss", bad.Key);
     }
+
+    /// <summary>A kohya dataset config: two subsets (one regularisation), [general] defaults, dataset values overriding the run's.</summary>
+    static string DatasetToml(TempDir tmp, string extraSubsetLine = "", string extraTables = "")
+    {
+        var imgs = Directory.CreateDirectory(Path.Combine(tmp.Path, "imgs")).FullName;
+        var reg = Directory.CreateDirectory(Path.Combine(tmp.Path, "reg")).FullName;
+        for (int i = 0; i < 3; i++)
+        {
+            LearningTests.WritePattern(Path.Combine(imgs, $"a{i}.png"), 64, i);
+            File.WriteAllText(Path.Combine(imgs, $"a{i}.txt"), $"sks, pattern, tag{i}");
+        }
+        LearningTests.WritePattern(Path.Combine(reg, "r0.png"), 64, 7);
+        var path = Path.Combine(tmp.Path, "dataset.toml");
+        File.WriteAllText(path, $"""
+            [general]
+            shuffle_caption = true
+            keep_tokens = 1
+            caption_extension = ".txt"
+
+            [[datasets]]
+            resolution = 64
+            batch_size = 2
+            enable_bucket = false
+
+              [[datasets.subsets]]
+              image_dir = "imgs"
+              num_repeats = 4
+              class_tokens = "sks"
+              caption_tag_dropout_rate = 0.1
+              flip_aug = false
+              {extraSubsetLine}
+
+              [[datasets.subsets]]
+              image_dir = "{reg.Replace('\\', '/')}"
+              is_reg = true
+              class_tokens = "pattern"
+              shuffle_caption = false
+            {extraTables}
+            """);
+        return path;
+    }
+
+    static SdTrainConfig DatasetRun(TempDir tmp, string datasetToml, params string[] extra)
+    {
+        var c = SdTrainConfig.FromTomlText($"""
+            pretrained_model_name_or_path = "{LearningTests.TinyModel}"
+            tokenizer_path = "{LearningTests.Tokenizer}"
+            dataset_config = "{datasetToml}"
+            output_dir = "{Path.Combine(tmp.Path, "out")}"
+            output_name = "d"
+            resolution = "128"
+            train_batch_size = 1
+            network_dim = 4
+            seed = 3
+            """.Replace("\\", "/"));
+        c.ApplyArgs(extra);
+        return c;
+    }
+
+    [Fact]
+    public void Kohya_dataset_config_subsets_with_their_own_caption_options_train()
+    {
+        using var tmp = new TempDir();
+        var toml = DatasetToml(tmp).Replace("\\", "/");
+        var c = DatasetRun(tmp, toml, "--max_train_steps", "2");
+        var data = TrainingDataset.Load(c);
+        Assert.Equal((64, 64), c.Resolution);
+        Assert.Equal(2, c.TrainBatchSize);
+        Assert.Equal(3, data.Train.Count);
+        Assert.Equal(12, data.TrainImagesWithRepeats);
+        Assert.Single(data.Regularization);
+        var subset = data.Train[0].Image.Folder;
+        Assert.Equal(new CaptionSettings(Shuffle: true, KeepTokens: 1, TagDropoutRate: 0.1), subset.Captions);
+        Assert.Equal("4_sks", subset.Name);
+        Assert.Equal("sks, pattern, tag0", data.Train[0].Image.Caption);
+        Assert.Equal("pattern", data.Regularization[0].Image.Caption);
+        Assert.False(data.Regularization[0].Image.Folder.Captions!.Shuffle);
+        // per-subset options in use: keep_tokens 1 keeps "sks" first whatever the shuffle
+        var captions = new CaptionProcessor(false, 0, 0);
+        var rng = new Random(4);
+        Assert.All(Enumerable.Range(0, 20), _ => Assert.StartsWith("sks", captions.Process(data.Train[0].Image, rng)));
+
+        var result = TrainerTests.OneThread(() =>
+        {
+            using var t = new SdTrainer(DatasetRun(tmp, toml, "--max_train_steps", "2"));
+            return t.Train();
+        });
+        Assert.Equal(2, result.Steps);
+        using var f = SafetensorsFile.Open(result.AdapterPath);
+        Assert.Equal("12", f.Metadata["ss_num_train_images"]);
+        Assert.Equal("(64, 64)", f.Metadata["ss_resolution"]);
+    }
+
+    [Fact]
+    public void Dataset_config_errors_name_the_file_and_the_key()
+    {
+        using var tmp = new TempDir();
+        LoraSharpException Fails(string toml, params string[] extra) =>
+            Assert.Throws<LoraSharpException>(() => TrainingDataset.Load(DatasetRun(tmp, toml.Replace("\\", "/"), extra)));
+        var unknown = Fails(DatasetToml(tmp, "colour_jitter = 2"));
+        Assert.Equal("datasets.subsets.colour_jitter", unknown.Key);
+        Assert.EndsWith("dataset.toml", unknown.FilePath);
+        var aug = Fails(DatasetToml(tmp, "random_crop = true"));
+        Assert.Equal("datasets.subsets.random_crop", aug.Key);
+        Assert.Contains("not supported", aug.Message);
+        var two = Fails(DatasetToml(tmp, extraTables: "[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n  image_dir = \"imgs\"\n"));
+        Assert.Equal("datasets", two.Key);
+        var missing = Fails(DatasetToml(tmp, "num_repeats = 0"));
+        Assert.Equal("datasets.subsets.num_repeats", missing.Key);
+        var both = Assert.Throws<LoraSharpException>(() => DatasetRun(tmp, DatasetToml(tmp).Replace("\\", "/"), "--train_data_dir", tmp.Path).Validate());
+        Assert.Equal("dataset_config", both.Key);
+    }
 }
