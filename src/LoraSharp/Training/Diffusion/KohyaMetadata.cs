@@ -105,7 +105,7 @@ public static class KohyaMetadata
             ["ss_caption_tag_dropout_rate"] = PyFloat(c.CaptionTagDropoutRate),
             ["ss_face_crop_aug_range"] = "None",
             ["ss_prior_loss_weight"] = S(c.PriorLossWeight),
-            ["ss_scale_weight_norms"] = "None",
+            ["ss_scale_weight_norms"] = c.ScaleWeightNorms is { } swn ? PyFloat(swn) : "None",
             ["ss_min_timestep"] = S(c.MinTimestep),
             ["ss_max_timestep"] = S(c.MaxTimestep),
             ["ss_resolution"] = $"({c.Resolution.W}, {c.Resolution.H})",

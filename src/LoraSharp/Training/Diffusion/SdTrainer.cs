@@ -65,6 +65,8 @@ public sealed class SdTrainer : IDisposable
     public AdapterHost? Host => _host;
     /// <summary>The optimizer (after <see cref="Train"/> has built it): its groups show the learning rates, LoRA+ included.</summary>
     public IGroupedOptimizer? Optimizer => _optimizer;
+    /// <summary>The last <c>scale_weight_norms</c> pass (null when it is off).</summary>
+    public MaxNormReport? LastMaxNorm { get; private set; }
 
     static ScalarType ComputeDType(string mp) => mp switch { "bf16" => ScalarType.BFloat16, "fp16" => ScalarType.Float16, _ => ScalarType.Float32 };
 
@@ -251,6 +253,7 @@ public sealed class SdTrainer : IDisposable
                     GradientClipping.ClipByGlobalNorm(optimizer.Groups.SelectMany(g => g.Parameters), c.MaxGradNorm);
                 optimizer.Step();
                 optimizer.ZeroGrad();
+                if (c.ScaleWeightNorms is { } maxNorm) LastMaxNorm = MaxNormRegularization.Apply(adapter.Modules, maxNorm);
                 step++;
                 stepsThisRun++;
                 double loss = accLoss / accumulated;

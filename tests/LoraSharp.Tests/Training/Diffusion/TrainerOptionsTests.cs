@@ -1,3 +1,4 @@
+using LoraSharp.Adapters;
 using LoraSharp.Diffusion;
 using LoraSharp.IO;
 using LoraSharp.Tests.Infrastructure;
@@ -305,5 +306,46 @@ public class TrainerOptionsTests
         Assert.Equal("datasets.subsets.num_repeats", missing.Key);
         var both = Assert.Throws<LoraSharpException>(() => DatasetRun(tmp, DatasetToml(tmp).Replace("\\", "/"), "--train_data_dir", tmp.Path).Validate());
         Assert.Equal("dataset_config", both.Key);
+    }
+
+    [Fact]
+    public void Scale_weight_norms_caps_each_lora_update_norm_by_scaling_up_and_down_equally()
+    {
+        using var model = TorchSharp.torch.nn.Sequential(("a", TorchSharp.torch.nn.Linear(16, 16)), ("b", TorchSharp.torch.nn.Linear(16, 16)));
+        using var host = new AdapterHost(model);
+        manual_seed(1);
+        var lora = host.Create("l", new AdapterConfig { Rank = 4, Alpha = 2 }, ModuleSelector.Glob("*"));
+        var big = (LoraAdapter)lora.Modules.Single(m => m.ModulePath == "a");
+        var small = (LoraAdapter)lora.Modules.Single(m => m.ModulePath == "b");
+        using (no_grad())
+        {
+            big.Up.copy_(randn(16, 4));
+            small.Up.copy_(randn(16, 4) * 1e-4);
+        }
+        double Norm(Adapter a) { using var d = a.DeltaWeight(); return d.norm().item<float>(); }
+        double before = Norm(big), smallBefore = Norm(small);
+        Assert.True(before > 1 && smallBefore < 0.5);
+        using var downBefore = big.Down.detach().clone();
+        var report = MaxNormRegularization.Apply(lora.Modules, 0.5);
+        Assert.Equal(1, report.ModulesScaled);
+        Assert.Equal(0.5, Norm(big), 4);
+        Assert.Equal(smallBefore, Norm(small), 6);
+        Assert.Equal(0.5, report.MaxNorm, 4);
+        // up and down are scaled by the same factor √(0.5/‖ΔW‖)
+        using var ratio = big.Down.detach() / downBefore;
+        Assert.Equal(Math.Sqrt(0.5 / before), ratio.mean().item<float>(), 4);
+
+        using var tmp = new TempDir();
+        var (result, last) = TrainerTests.OneThread(() =>
+        {
+            using var t = new SdTrainer(TrainerTests.Config(tmp, LearningTests.TinyModel, "out", "--max_train_steps", "3", "--learning_rate", "0.05", "--scale_weight_norms", "0.002"));
+            var r = t.Train();
+            return (r, t.LastMaxNorm);
+        });
+        Assert.NotNull(last);
+        Assert.True(last!.ModulesScaled > 0);
+        Assert.True(last.MaxNorm <= 0.002 + 1e-6);
+        using var f = SafetensorsFile.Open(result.AdapterPath);
+        Assert.Equal("0.002", f.Metadata["ss_scale_weight_norms"]);
     }
 }
