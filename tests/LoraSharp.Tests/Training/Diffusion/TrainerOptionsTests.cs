@@ -348,4 +348,44 @@ public class TrainerOptionsTests
         using var f = SafetensorsFile.Open(result.AdapterPath);
         Assert.Equal("0.002", f.Metadata["ss_scale_weight_norms"]);
     }
+
+    [Fact]
+    public void Sample_prompts_read_from_kohyas_json_and_toml_layouts()
+    {
+        var json = SamplePromptFile.ParseJson("""
+            [
+              "a cat --n blurry --w 300 --s 12 --d 5",
+              { "prompt": "a dog", "negative_prompt": "ugly", "width": 640, "height": 513, "sample_steps": 2000, "scale": 5.5, "seed": 9, "sample_sampler": "k_euler" }
+            ]
+            """);
+        Assert.Equal(new SamplePrompt("a cat", "blurry", 296, 512, 12, 7.5, 5, null, 1), json[0]);
+        Assert.Equal(new SamplePrompt("a dog", "ugly", 640, 512, 1000, 5.5, 9, "k_euler", 2), json[1]);
+
+        var toml = SamplePromptFile.ParseToml("""
+            [prompt]
+            width = 256
+            height = 256
+            scale = 4.0
+            negative_prompt = "lowres"
+
+              [[prompt.subset]]
+              prompt = "a red star"
+
+              [[prompt.subset]]
+              prompt = "a blue star"
+              width = 128
+              seed = 3
+            """);
+        Assert.Equal(new SamplePrompt("a red star", "lowres", 256, 256, 30, 4.0, null, null, 1), toml[0]);
+        Assert.Equal(new SamplePrompt("a blue star", "lowres", 128, 256, 30, 4.0, 3, null, 2), toml[1]);
+
+        Assert.Equal("colour", Assert.Throws<LoraSharpException>(() => SamplePromptFile.ParseJson("""[{ "prompt": "x", "colour": 1 }]""")).Key);
+        Assert.Equal("width", Assert.Throws<LoraSharpException>(() => SamplePromptFile.ParseJson("""[{ "prompt": "x", "width": "wide" }]""")).Key);
+        Assert.Equal("prompt.subset", Assert.Throws<LoraSharpException>(() => SamplePromptFile.ParseToml("[prompt]\nwidth = 64\n")).Key);
+
+        // Read dispatches on the extension
+        using var tmp = new TempDir();
+        File.WriteAllText(tmp.File("p.json"), """["a cat"]""");
+        Assert.Equal("a cat", SamplePromptFile.Read(tmp.File("p.json")).Single().Prompt);
+    }
 }
