@@ -273,7 +273,14 @@ public sealed class AdapterHost : IDisposable
     }
 
     /// <summary>Create a new trainable adapter on every adaptable module the selector picks.</summary>
-    public AttachedAdapter Create(string name, AdapterConfig config, ModuleSelector selector, double multiplier = 1)
+    public AttachedAdapter Create(string name, AdapterConfig config, ModuleSelector selector, double multiplier = 1) =>
+        Create(name, (_, _) => config, selector, multiplier);
+
+    /// <summary>
+    /// Create a new trainable adapter with a configuration per module (kohya's block-wise dims): <paramref name="configFor"/>
+    /// gets each selected module's path and geometry and returns its configuration, or null to leave the module out.
+    /// </summary>
+    public AttachedAdapter Create(string name, Func<string, LayerGeometry, AdapterConfig?> configFor, ModuleSelector selector, double multiplier = 1)
     {
         CheckNewName(name);
         var paths = _adaptable.Where(selector.Matches).ToList();
@@ -283,10 +290,12 @@ public sealed class AdapterHost : IDisposable
         foreach (var p in paths)
         {
             var slot = SlotFor(p, _allModules[p]);
+            if (configFor(p, slot.Geometry) is not { } config) continue;
             // DoRA starts from the original weight, also when other adapters are merged into it right now
             using var dequantized = config.Dora != DoraKind.None ? DequantizedWeight?.Invoke(p) : null;
             built.Add((slot, AdapterFactory.Create(p, slot.Geometry, config, slot.Weight.device, dequantized ?? slot.BackupWeight ?? slot.Weight)));
         }
+        if (built.Count == 0) throw new LoraSharpException($"Adapter '{name}': every module the selector {selector} matches was left out (all ranks 0).");
         return Register(name, built, multiplier, trainable: true, [], new Dictionary<string, string>());
     }
 

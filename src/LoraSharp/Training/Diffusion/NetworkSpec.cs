@@ -22,6 +22,48 @@ public sealed record NetworkSpec
     /// <summary>LoRA+ (network_args loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio): the up matrices learn this many times faster; null = off.</summary>
     public double? LoraPlusUnetRatio { get; init; }
     public double? LoraPlusTextEncoderRatio { get; init; }
+    /// <summary>
+    /// kohya's block-wise ranks (network_args block_dims / block_alphas / conv_block_dims / conv_block_alphas, 25 values
+    /// each: IN00–IN11, MID, OUT00–OUT11); null = one rank for all. A rank of 0 leaves the block's modules out.
+    /// </summary>
+    public IReadOnlyList<int>? BlockDims { get; init; }
+    public IReadOnlyList<double>? BlockAlphas { get; init; }
+    public IReadOnlyList<int>? ConvBlockDims { get; init; }
+    public IReadOnlyList<double>? ConvBlockAlphas { get; init; }
+
+    /// <summary>Number of kohya blocks (SD 1.x / 2.x UNet): 12 input, the middle, 12 output.</summary>
+    public const int KohyaBlocks = 25;
+
+    /// <summary>
+    /// kohya's block index of a UNet module path (networks.lora get_block_index): down_blocks.i.(resnets|attentions).j →
+    /// 1 + 3i + j, down_blocks.i.downsamplers → 1 + 3i + 2, mid_block → 12, up_blocks.i.… → 13 + 3i + j (upsamplers:
+    /// 13 + 3i + 2); −1 for modules outside these blocks.
+    /// </summary>
+    public static int KohyaBlockIndex(string modulePath)
+    {
+        var m = System.Text.RegularExpressions.Regex.Match(modulePath, @"(up|down)_blocks\.(\d+)\.(resnets|upsamplers|downsamplers|attentions)\.(\d+)\.");
+        if (m.Success)
+        {
+            int i = int.Parse(m.Groups[2].Value, CultureInfo.InvariantCulture), j = int.Parse(m.Groups[4].Value, CultureInfo.InvariantCulture);
+            int idx = m.Groups[3].Value is "upsamplers" or "downsamplers" ? 3 * i + 2 : 3 * i + j;
+            return m.Groups[1].Value == "down" ? 1 + idx : 13 + idx;
+        }
+        return modulePath.Contains("mid_block.", StringComparison.Ordinal) ? 12 : -1;
+    }
+
+    /// <summary>The adapter configuration of one module (block-wise ranks applied to UNet modules); null = leave it out.</summary>
+    public AdapterConfig? ConfigFor(string modulePath, LayerGeometry geometry)
+    {
+        if (BlockDims is null || !modulePath.StartsWith("unet.", StringComparison.Ordinal)) return Adapter;
+        int block = KohyaBlockIndex(modulePath);
+        if (block < 0) return Adapter;
+        bool kxk = geometry.IsConv && !geometry.IsPointwise;
+        if (!kxk)
+            return BlockDims[block] == 0 ? null : Adapter with { Rank = BlockDims[block], Alpha = BlockAlphas![block] };
+        if (ConvBlockDims is null || ConvBlockDims[block] == 0) return null;
+        return Adapter with { ConvRank = ConvBlockDims[block], ConvAlpha = ConvBlockAlphas![block] };
+    }
+
     /// <summary>ss_network_args (JSON object of the network args kohya records).</summary>
     public required IReadOnlyDictionary<string, string> Args { get; init; }
 
@@ -106,6 +148,35 @@ public sealed record NetworkSpec
         if (kind is "locon" or "loha" or "lokr" && !recorded.ContainsKey("algo")) recorded["algo"] = kind == "locon" ? "locon" : kind;
         if (dropout.Rank > 0) recorded["rank_dropout"] = dropout.Rank.ToString(CultureInfo.InvariantCulture);
         if (dropout.Module > 0) recorded["module_dropout"] = dropout.Module.ToString(CultureInfo.InvariantCulture);
+        // kohya get_block_dims_and_alphas: 25 comma-separated values each; alphas default to network_alpha (conv: conv_alpha or 1)
+        T[]? List<T>(string key, Func<string, T> parse)
+        {
+            if (!args.TryGetValue(key, out var v)) return null;
+            try
+            {
+                var items = v.Split(',', StringSplitOptions.TrimEntries).Select(parse).ToArray();
+                if (items.Length != KohyaBlocks) throw new LoraSharpException($"network_args {key} has {items.Length} values, expected {KohyaBlocks} (IN00–IN11, MID, OUT00–OUT11)", "config", "network_args");
+                return items;
+            }
+            catch (FormatException) { throw new LoraSharpException($"network_args {key}={v}: expected {KohyaBlocks} comma-separated numbers", "config", "network_args"); }
+        }
+        int ParseInt(string x) => int.Parse(x, NumberStyles.Integer, CultureInfo.InvariantCulture);
+        double ParseDouble(string x) => double.Parse(x, NumberStyles.Float, CultureInfo.InvariantCulture);
+        var blockDims = List("block_dims", ParseInt);
+        var blockAlphas = List("block_alphas", ParseDouble);
+        var convBlockDims = List("conv_block_dims", ParseInt);
+        var convBlockAlphas = List("conv_block_alphas", ParseDouble);
+        if ((blockAlphas ?? (object?)convBlockDims ?? convBlockAlphas) is not null && blockDims is null)
+            throw new LoraSharpException("block_alphas / conv_block_dims / conv_block_alphas need block_dims", "config", "network_args");
+        if (blockDims is not null)
+        {
+            if (kind is not ("lora" or "locon")) throw new LoraSharpException($"block_dims applies to LoRA / LoCon (kohya networks.lora), not to {kind}", "config", "network_args");
+            if (blockDims.Concat(convBlockDims ?? []).Any(d => d < 0)) throw new LoraSharpException("block dims must not be negative", "config", "network_args");
+            blockAlphas ??= Enumerable.Repeat(c.NetworkAlpha, KohyaBlocks).ToArray();
+            if (convBlockDims is null && convDim is not null) convBlockDims = Enumerable.Repeat(convDim.Value, KohyaBlocks).ToArray();
+            if (convBlockDims is not null) convBlockAlphas ??= Enumerable.Repeat(convAlpha ?? 1.0, KohyaBlocks).ToArray();
+            conv = convBlockDims is not null;
+        }
         double? plus = Arg("loraplus_lr_ratio");
         double? plusUnet = Arg("loraplus_unet_lr_ratio") ?? plus, plusTe = Arg("loraplus_text_encoder_lr_ratio") ?? plus;
         foreach (var r in new[] { plusUnet, plusTe })
@@ -114,6 +185,7 @@ public sealed record NetworkSpec
             throw new LoraSharpException($"loraplus_*_lr_ratio applies to the up matrices of LoRA / LoCon / DyLoRA, not to {kind}", "config", "network_args");
         return new NetworkSpec
         {
+            BlockDims = blockDims, BlockAlphas = blockAlphas, ConvBlockDims = convBlockDims, ConvBlockAlphas = convBlockAlphas,
             LoraPlusUnetRatio = plusUnet,
             LoraPlusTextEncoderRatio = plusTe,
             Kind = kind,

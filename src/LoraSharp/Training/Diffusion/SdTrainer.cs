@@ -129,7 +129,9 @@ public sealed class SdTrainer : IDisposable
             if (trainUnet) selector.IncludeRegex(NetworkSpec.UnetAttentionPattern);
             if (trainUnet && spec.Conv) selector.IncludeRegex(NetworkSpec.UnetConvPattern);
             if (trainTe) selector.IncludeRegex(NetworkSpec.TextEncoderPattern);
-            adapter = host.Create(AdapterName, spec.Adapter, selector);
+            if (spec.BlockDims is not null && sdxl)
+                throw new LoraSharpException("block_dims describes the 25 blocks of an SD 1.x / 2.x UNet; SDXL is not supported", "config", "network_args");
+            adapter = host.Create(AdapterName, spec.ConfigFor, selector);
         }
         var named = host.NamedTrainableParameters(AdapterName);
         var unetNamed = named.Where(p => ModulePathOf(p.Name).StartsWith("unet.", StringComparison.Ordinal)).ToList();

@@ -388,4 +388,55 @@ public class TrainerOptionsTests
         File.WriteAllText(tmp.File("p.json"), """["a cat"]""");
         Assert.Equal("a cat", SamplePromptFile.Read(tmp.File("p.json")).Single().Prompt);
     }
+
+    [Theory]
+    [InlineData("unet.down_blocks.0.resnets.0.conv1", 1)]
+    [InlineData("unet.down_blocks.0.attentions.1.transformer_blocks.0.attn1.to_q", 2)]
+    [InlineData("unet.down_blocks.0.downsamplers.0.conv", 3)]
+    [InlineData("unet.down_blocks.2.attentions.0.proj_in", 7)]
+    [InlineData("unet.down_blocks.3.resnets.1.conv2", 11)]
+    [InlineData("unet.mid_block.attentions.0.proj_out", 12)]
+    [InlineData("unet.mid_block.resnets.1.conv1", 12)]
+    [InlineData("unet.up_blocks.0.resnets.0.conv1", 13)]
+    [InlineData("unet.up_blocks.0.upsamplers.0.conv", 15)]
+    [InlineData("unet.up_blocks.1.attentions.2.transformer_blocks.0.ff.net.2", 18)]
+    [InlineData("unet.up_blocks.3.attentions.2.proj_out", 24)]
+    [InlineData("text_encoder.text_model.encoder.layers.0.mlp.fc1", -1)]
+    public void Kohya_block_index_of_unet_modules(string path, int block) => Assert.Equal(block, NetworkSpec.KohyaBlockIndex(path));
+
+    [Fact]
+    public void Block_dims_give_each_unet_block_its_rank_and_alpha_and_zero_leaves_it_out()
+    {
+        using var tmp = new TempDir();
+        // IN blocks rank 2 (IN02 left out), MID 6, OUT blocks 3 (alpha 1.5); conv blocks rank 1 everywhere but MID
+        var dims = Enumerable.Range(0, 25).Select(b => b == 2 ? 0 : b < 12 ? 2 : b == 12 ? 6 : 3).ToArray();
+        var alphas = Enumerable.Range(0, 25).Select(b => b > 12 ? 1.5 : 1.0).ToArray();
+        var convDims = Enumerable.Range(0, 25).Select(b => b == 12 ? 0 : 1).ToArray();
+        string Csv<T>(IEnumerable<T> v) => string.Join(",", v.Select(x => Convert.ToString(x, System.Globalization.CultureInfo.InvariantCulture)));
+        var result = TrainerTests.OneThread(() =>
+        {
+            using var t = new SdTrainer(TrainerTests.Config(tmp, LearningTests.TinyModel, "out", "--max_train_steps", "1", "--network_args",
+                "block_dims=" + Csv(dims), "block_alphas=" + Csv(alphas), "conv_block_dims=" + Csv(convDims)));
+            var r = t.Train();
+            var modules = t.Host!["lora"].Modules.Where(m => m.ModulePath.StartsWith("unet.", StringComparison.Ordinal)).ToList();
+            Assert.NotEmpty(modules);
+            foreach (var m in modules)
+            {
+                int block = NetworkSpec.KohyaBlockIndex(m.ModulePath);
+                bool kxk = m.Geometry.IsConv && !m.Geometry.IsPointwise;
+                if (!kxk) Assert.NotEqual(2, block); // IN02's linears are left out (its convs have conv rank 1)
+                Assert.Equal(kxk ? convDims[block] : dims[block], m.Rank);
+                if (kxk) Assert.NotEqual(12, block);
+                else Assert.Equal(alphas[block], m.Alpha);
+            }
+            Assert.Contains(modules, m => m.Geometry.IsConv && !m.Geometry.IsPointwise);
+            Assert.Contains(modules, m => NetworkSpec.KohyaBlockIndex(m.ModulePath) == 12 && m.Rank == 6);
+            Assert.All(t.Host!["lora"].Modules.Where(m => m.ModulePath.StartsWith("text_encoder", StringComparison.Ordinal)), m => Assert.Equal(4, m.Rank));
+            return r;
+        });
+        using var f = SafetensorsFile.Open(result.AdapterPath);
+        Assert.Contains("block_dims", f.Metadata["ss_network_args"]);
+        var bad = Assert.Throws<LoraSharpException>(() => TrainerTests.Config(tmp, LearningTests.TinyModel, "out2", "--network_args", "block_dims=1,2,3").Validate());
+        Assert.Contains("25", bad.Message);
+    }
 }
