@@ -78,7 +78,7 @@ public static class KohyaMetadata
             ["ss_base_model_version"] = baseVersion,
             ["ss_v_parameterization"] = B(vpred),
             ["ss_clip_skip"] = c.ClipSkip is { } cs ? S(cs) : "None",
-            ["ss_max_token_length"] = "None",
+            ["ss_max_token_length"] = c.MaxTokenLength is { } mtl ? S(mtl) : "None",
             ["ss_cache_latents"] = B(cacheLatents),
             ["ss_seed"] = S(seed),
             ["ss_lowram"] = "False",

@@ -105,6 +105,8 @@ public sealed class SdTrainConfig
     public double? VPredLikeLoss { get; set; }
     public double CaptionTagDropoutRate { get; set; }
     public int CaptionDropoutEveryNEpochs { get; set; }
+    /// <summary>kohya max_token_length: captions up to 150 or 225 tokens in 75-token chunks (null = 75).</summary>
+    public int? MaxTokenLength { get; set; }
     /// <summary>kohya max-norm regularisation: cap ‖ΔW‖ of every LoRA module at this after each step.</summary>
     public double? ScaleWeightNorms { get; set; }
     /// <summary>l2 (default), l1, huber or smooth_l1 (kohya conditional_loss).</summary>
@@ -200,6 +202,7 @@ public sealed class SdTrainConfig
         Dbl("ip_noise_gamma", (c, v) => c.IpNoiseGamma = v, "input perturbation noise strength (0.1 recommended)"),
         Bool("ip_noise_gamma_random_strength", (c, v) => c.IpNoiseGammaRandomStrength = v, "draw the perturbation strength from [0, ip_noise_gamma)"),
         Bool("zero_terminal_snr", (c, v) => c.ZeroTerminalSnr = v, "rescale betas to zero terminal SNR"),
+        Int("max_token_length", (c, v) => c.MaxTokenLength = v, "caption tokens: 75 (default), 150 or 225"),
         Dbl("scale_weight_norms", (c, v) => c.ScaleWeightNorms = v, "cap each LoRA module's ‖ΔW‖ at this after every step (1.0 is common)"),
         Bool("noise_offset_random_strength", (c, v) => c.NoiseOffsetRandomStrength = v, "scale noise_offset by U(0, 1) per step"),
         Dbl("adaptive_noise_scale", (c, v) => c.AdaptiveNoiseScale = v, "add this × |latent mean| to noise_offset"),
@@ -400,6 +403,7 @@ public sealed class SdTrainConfig
         Need(LrWarmupSteps >= 0, "lr_warmup_steps", "must not be negative");
         Need(IpNoiseGamma is null or >= 0, "ip_noise_gamma", "must not be negative");
         Need(ScaleWeightNorms is null or > 0, "scale_weight_norms", "must be positive");
+        Need(MaxTokenLength is null or 75 or 150 or 225, "max_token_length", "expected 75, 150 or 225");
         Need(CaptionTagDropoutRate is >= 0 and <= 1, "caption_tag_dropout_rate", "must be in [0, 1]");
         Need(CaptionDropoutEveryNEpochs >= 0, "caption_dropout_every_n_epochs", "must not be negative");
         Need(AdaptiveNoiseScale is null || NoiseOffset > 0, "adaptive_noise_scale", "needs noise_offset (kohya applies it to the noise offset)");

@@ -371,17 +371,24 @@ public sealed class SdTrainer : IDisposable
     {
         var model = _model!;
         var device = model.Unet.parameters().First().device;
-        Tensor Ids(ClipTokenizer t) => tensor(texts.SelectMany(s => t.Encode(s).Select(i => (long)i)).ToArray(), dtype: ScalarType.Int64, device: device).reshape(texts.Count, t.MaxLength);
+        // max_token_length 150 / 225: n chunks of 75 tokens per caption, encoded as one batch and joined (LongCaptions)
+        int chunks = _c.MaxTokenLength is { } mtl ? mtl / (tok1.MaxLength - 2) : 1;
+        Tensor Ids(ClipTokenizer t) => chunks > 1
+            ? LongCaptions.BatchIds(t, texts, _c.MaxTokenLength!.Value, device)
+            : tensor(texts.SelectMany(s => t.Encode(s).Select(i => (long)i)).ToArray(), dtype: ScalarType.Int64, device: device).reshape(texts.Count, t.MaxLength);
+        Tensor Join(Tensor states) => chunks > 1 ? LongCaptions.Merge(states, texts.Count) : states;
         if (!sdxl)
         {
             var te = model.TextEncoder!;
-            return (te.Encode(Ids(tok1), _c.ClipSkip ?? 1, applyFinalLayerNorm: true), null);
+            return (Join(te.Encode(Ids(tok1), _c.ClipSkip ?? 1, applyFinalLayerNorm: true)), null);
         }
         using var o1 = model.TextEncoder!.call(Ids(tok1));
         using var o2 = model.TextEncoder2!.call(Ids(tok2!));
         int skip = Math.Max(2, _c.ClipSkip ?? 2);
-        var ctx = cat([o1.HiddenStates[o1.HiddenStates.Count - skip], o2.HiddenStates[o2.HiddenStates.Count - skip]], -1);
-        return (ctx, o2.TextEmbeds!.clone());
+        var ctx = cat([Join(o1.HiddenStates[o1.HiddenStates.Count - skip]), Join(o2.HiddenStates[o2.HiddenStates.Count - skip])], -1);
+        // the pooled embedding is the first chunk's (kohya: pool2[::n])
+        var pooled = chunks > 1 ? o2.TextEmbeds!.index_select(0, arange(0, (long)texts.Count * chunks, chunks, dtype: ScalarType.Int64, device: device)) : o2.TextEmbeds!.clone();
+        return (ctx, pooled);
     }
 
     double TrainBatch(int epoch, List<PlacedImage> batch, CaptionProcessor captions, Random rng, DiffusionNoise noise, ClipTokenizer tok1, ClipTokenizer? tok2,

@@ -439,4 +439,63 @@ public class TrainerOptionsTests
         var bad = Assert.Throws<LoraSharpException>(() => TrainerTests.Config(tmp, LearningTests.TinyModel, "out2", "--network_args", "block_dims=1,2,3").Validate());
         Assert.Contains("25", bad.Message);
     }
+
+    [Fact]
+    public void Long_captions_are_cut_into_75_token_chunks_and_joined_as_kohya_does()
+    {
+        var tok = LoraSharp.Text.ClipTokenizer.FromFolder(LearningTests.Tokenizer);
+        var tok2 = LoraSharp.Text.ClipTokenizer.FromFolder(LearningTests.Tokenizer, padId: 0); // SD 2.x / SDXL encoder 2 padding
+        var caption = string.Join(", ", Enumerable.Range(0, 25).Select(i => $"tag{i}"));
+        var tokens = tok.EncodeTokens(caption);
+        Assert.InRange(tokens.Length, 76, 150);
+        foreach (var t in new[] { tok, tok2 })
+        {
+            var chunks = LongCaptions.ChunkIds(t, caption, 150);
+            Assert.Equal(2, chunks.Length);
+            Assert.All(chunks, c => Assert.Equal(77, c.Length));
+            Assert.All(chunks, c => Assert.Equal(t.BosId, c[0]));
+            Assert.Equal(tokens[..75], chunks[0][1..76]);
+            Assert.Equal(tokens[75..], chunks[1][1..(1 + tokens.Length - 75)]);
+            Assert.Equal(t.EosId, chunks[1][1 + tokens.Length - 75]);
+            // the first chunk's text runs to its end: it closes with EOS (pad = EOS, or the SD2 fix-up)
+            Assert.Equal(t.EosId, chunks[0][76]);
+            Assert.Equal(t.PadId, chunks[1][76]);
+        }
+        // an empty second chunk with a separate padding id reads BOS EOS PAD …
+        var shortChunks = LongCaptions.ChunkIds(tok2, "tag1", 150);
+        Assert.Equal(new[] { tok2.BosId, tok2.EosId, 0 }, shortChunks[1][..3]);
+
+        // joining: BOS, 75 inner states of each chunk, the last state
+        using var scope = NewDisposeScope();
+        int b = 2, n = 3;
+        var states = (arange(b * n, dtype: ScalarType.Float32).reshape(-1, 1, 1) * 1000 + arange(77, dtype: ScalarType.Float32).reshape(1, -1, 1)).contiguous();
+        var merged = LongCaptions.Merge(states, b);
+        Assert.Equal(new long[] { b, 2 + 75 * n, 1 }, merged.shape);
+        var row1 = merged[1, .., 0].data<float>().ToArray();
+        Assert.Equal(3000 + 0, row1[0]);                 // BOS of caption 1's first chunk
+        Assert.Equal(3000 + 1, row1[1]);
+        Assert.Equal(3000 + 75, row1[75]);
+        Assert.Equal(4000 + 1, row1[76]);                // second chunk, first token
+        Assert.Equal(5000 + 75, row1[225]);
+        Assert.Equal(5000 + 76, row1[226]);              // the last chunk's final state
+
+        using var tmp = new TempDir();
+        var data = Path.Combine(tmp.Path, "data", "2_long");
+        Directory.CreateDirectory(data);
+        for (int i = 0; i < 2; i++)
+        {
+            LearningTests.WritePattern(Path.Combine(data, $"i{i}.png"), 64, i);
+            File.WriteAllText(Path.Combine(data, $"i{i}.txt"), caption);
+        }
+        var result = TrainerTests.OneThread(() =>
+        {
+            var c = TrainerTests.Config(tmp, LearningTests.TinyModel, "out", "--max_train_steps", "2", "--max_token_length", "225");
+            c.TrainDataDir = Path.Combine(tmp.Path, "data");
+            using var t = new SdTrainer(c);
+            return t.Train();
+        });
+        Assert.All(result.Losses, l => Assert.True(double.IsFinite(l) && l > 0));
+        using var f = SafetensorsFile.Open(result.AdapterPath);
+        Assert.Equal("225", f.Metadata["ss_max_token_length"]);
+    }
 }
