@@ -495,7 +495,17 @@ public class TrainerOptionsTests
             return t.Train();
         });
         Assert.All(result.Losses, l => Assert.True(double.IsFinite(l) && l > 0));
-        using var f = SafetensorsFile.Open(result.AdapterPath);
-        Assert.Equal("225", f.Metadata["ss_max_token_length"]);
+        using (var f = SafetensorsFile.Open(result.AdapterPath))
+            Assert.Equal("225", f.Metadata["ss_max_token_length"]);
+
+        // SDXL: both encoders chunked, the pooled embedding of each caption's first chunk
+        var sdxl = TrainerTests.OneThread(() =>
+        {
+            var c = TrainerTests.Config(tmp, ReferenceData.PathOf("sdxl", "model", "diffusers"), "out-xl", "--max_train_steps", "1", "--max_token_length", "150");
+            c.TrainDataDir = Path.Combine(tmp.Path, "data");
+            using var t = new SdTrainer(c);
+            return t.Train();
+        });
+        Assert.All(sdxl.Losses, l => Assert.True(double.IsFinite(l) && l > 0));
     }
 }
