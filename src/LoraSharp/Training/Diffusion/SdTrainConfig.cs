@@ -105,6 +105,10 @@ public sealed class SdTrainConfig
     public double? VPredLikeLoss { get; set; }
     public double CaptionTagDropoutRate { get; set; }
     public int CaptionDropoutEveryNEpochs { get; set; }
+    /// <summary>Keep the VAE in float32 when the rest runs in bf16/fp16 (kohya no_half_vae).</summary>
+    public bool NoHalfVae { get; set; }
+    /// <summary>kohya options given that have no effect in LoraSharp, with the reason (the trainer logs them).</summary>
+    public List<string> IgnoredOptions { get; } = [];
     /// <summary>kohya max_token_length: captions up to 150 or 225 tokens in 75-token chunks (null = 75).</summary>
     public int? MaxTokenLength { get; set; }
     /// <summary>kohya max-norm regularisation: cap ‖ΔW‖ of every LoRA module at this after each step.</summary>
@@ -203,6 +207,31 @@ public sealed class SdTrainConfig
         Bool("ip_noise_gamma_random_strength", (c, v) => c.IpNoiseGammaRandomStrength = v, "draw the perturbation strength from [0, ip_noise_gamma)"),
         Bool("zero_terminal_snr", (c, v) => c.ZeroTerminalSnr = v, "rescale betas to zero terminal SNR"),
         Int("max_token_length", (c, v) => c.MaxTokenLength = v, "caption tokens: 75 (default), 150 or 225"),
+        Bool("no_half_vae", (c, v) => c.NoHalfVae = v, "keep the VAE in float32 under bf16/fp16 mixed precision"),
+        // kohya / Kohya_ss GUI options without an effect here: accepted (so their configs load) and reported
+        Ignored("xformers", "boolean", "LoraSharp always uses scaled-dot-product attention"),
+        Ignored("sdpa", "boolean", "LoraSharp always uses scaled-dot-product attention"),
+        Ignored("mem_eff_attn", "boolean", "LoraSharp always uses scaled-dot-product attention"),
+        Ignored("max_data_loader_n_workers", "integer", "images are loaded (and latents cached) on the training thread"),
+        Ignored("persistent_data_loader_workers", "boolean", "images are loaded (and latents cached) on the training thread"),
+        Ignored("logging_dir", "string", "the loss curve PNG is written to output_dir"),
+        Ignored("log_prefix", "string", "the loss curve PNG is written to output_dir"),
+        Ignored("log_with", "string", "the loss curve PNG is written to output_dir"),
+        Ignored("log_tracker_name", "string", "the loss curve PNG is written to output_dir"),
+        Ignored("wandb_run_name", "string", "the loss curve PNG is written to output_dir"),
+        Ignored("lowram", "boolean", "memory is planned by auto_memory"),
+        Ignored("highvram", "boolean", "memory is planned by auto_memory"),
+        Ignored("full_fp16", "boolean", "adapter weights stay float32 under mixed precision"),
+        Ignored("full_bf16", "boolean", "adapter weights stay float32 under mixed precision"),
+        Ignored("epoch", "integer", "a Kohya_ss GUI field; max_train_epochs sets the epochs"),
+        Ignored("save_state_on_train_end", "boolean", "save_state saves the state at the end"),
+        Ignored("save_last_n_epochs_state", "integer", "one state folder is kept (the newest)"),
+        Ignored("save_last_n_steps_state", "integer", "one state folder is kept (the newest)"),
+        Ignored("dynamo_backend", "string", "no compiler backend", v => v is "no" or "NO" or "", "no"),
+        Ignored("lr_scheduler_args", "string list", "no scheduler arguments", v => v is TomlArray { Count: 0 } || v is string { Length: 0 }, "[]"),
+        Ignored("noise_offset_type", "string", "noise_offset / multires_noise_iterations choose the noise", v => v is "Original" or "Multires", "Original or Multires"),
+        Ignored("fp8_base", "boolean", "no fp8 base", v => v is false || v is "false" or "False", "false"),
+        Ignored("vae", "string", "no separate VAE file yet: the checkpoint's VAE is used", v => v is "", "empty"),
         Dbl("scale_weight_norms", (c, v) => c.ScaleWeightNorms = v, "cap each LoRA module's ‖ΔW‖ at this after every step (1.0 is common)"),
         Bool("noise_offset_random_strength", (c, v) => c.NoiseOffsetRandomStrength = v, "scale noise_offset by U(0, 1) per step"),
         Dbl("adaptive_noise_scale", (c, v) => c.AdaptiveNoiseScale = v, "add this × |latent mean| to noise_offset"),
@@ -234,6 +263,15 @@ public sealed class SdTrainConfig
 
     /// <summary>One line per option: name, kind and meaning.</summary>
     public static IEnumerable<(string Name, string Kind, string Help)> Describe() => Options.Select(o => (o.Name, o.Kind, o.Help));
+
+    /// <summary>An accepted kohya option without an effect; <paramref name="accepts"/> lists the values that are harmless (others are errors).</summary>
+    static Option Ignored(string n, string kind, string reason, Func<object, bool>? accepts = null, string? acceptable = null) =>
+        new(n, kind, (c, v) =>
+        {
+            if (accepts is not null && !accepts(v))
+                throw new FormatException($"only {acceptable} is supported ({reason})");
+            c.IgnoredOptions.Add($"{n} ({reason})");
+        }, "accepted for kohya compatibility, no effect: " + reason);
 
     static Option Str(string n, Action<SdTrainConfig, string> set, string help) =>
         new(n, "string", (c, v) => set(c, v as string ?? Convert.ToString(v, CultureInfo.InvariantCulture)!), help);
@@ -347,17 +385,7 @@ public sealed class SdTrainConfig
     /// <summary>" (did you mean 'x'?)" for the closest option name within edit distance 3, else "".</summary>
     static string DidYouMean(string name)
     {
-        static int Distance(string a, string b)
-        {
-            var d = new int[a.Length + 1, b.Length + 1];
-            for (int i = 0; i <= a.Length; i++) d[i, 0] = i;
-            for (int j = 0; j <= b.Length; j++) d[0, j] = j;
-            for (int i = 1; i <= a.Length; i++)
-                for (int j = 1; j <= b.Length; j++)
-                    d[i, j] = Math.Min(Math.Min(d[i - 1, j] + 1, d[i, j - 1] + 1), d[i - 1, j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1));
-            return d[a.Length, b.Length];
-        }
-        var best = OptionNames.Select(o => (o, Distance(o, name))).MinBy(x => x.Item2);
+        var best = OptionNames.Select(o => (o, EditDistance.Levenshtein(o, name))).MinBy(x => x.Item2);
         return best.Item2 <= 3 ? $" (did you mean '{best.o}'?)" : "";
     }
 

@@ -87,6 +87,8 @@ public sealed class SdTrainer : IDisposable
         // ---- model
         var dtype = ComputeDType(c.MixedPrecision);
         _model = StableDiffusionModel.Load(c.PretrainedModelNameOrPath, new StableDiffusionLoadOptions { DType = dtype });
+        if (c.NoHalfVae && dtype != ScalarType.Float32) _model.Vae?.to(ScalarType.Float32);
+        foreach (var ignored in c.IgnoredOptions) _log($"config: {ignored} — no effect in LoraSharp");
         var model = _model;
         var family = model.Family;
         bool sdxl = family == StableDiffusionFamily.SDXLBase;

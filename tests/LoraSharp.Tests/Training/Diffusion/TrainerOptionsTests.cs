@@ -508,4 +508,42 @@ public class TrainerOptionsTests
         });
         Assert.All(sdxl.Losses, l => Assert.True(double.IsFinite(l) && l > 0));
     }
+
+    [Fact]
+    public void Kohya_ss_gui_configs_load_their_no_effect_options_are_reported_and_no_half_vae_keeps_the_vae_in_float32()
+    {
+        using var tmp = new TempDir();
+        var c = TrainerTests.Config(tmp, LearningTests.TinyModel, "out", "--max_train_steps", "1", "--mixed_precision", "bf16", "--no_half_vae");
+        var gui = SdTrainConfig.FromTomlText("""
+            xformers = true
+            sdpa = true
+            max_data_loader_n_workers = 0
+            persistent_data_loader_workers = true
+            logging_dir = "/workspace/kohya_ss/logs"
+            dynamo_backend = "no"
+            lr_scheduler_args = []
+            noise_offset_type = "Original"
+            epoch = 15
+            lowram = false
+            vae = ""
+            """, "gui.toml");
+        Assert.Equal(11, gui.IgnoredOptions.Count);
+        Assert.Contains(gui.IgnoredOptions, o => o.StartsWith("xformers (", StringComparison.Ordinal));
+        foreach (var (key, bad) in new[] { ("vae", "vae = \"sdxl_vae.safetensors\""), ("noise_offset_type", "noise_offset_type = \"Pyramid\""), ("dynamo_backend", "dynamo_backend = \"inductor\""), ("fp8_base", "fp8_base = true") })
+        {
+            var e = Assert.Throws<LoraSharpException>(() => SdTrainConfig.FromTomlText(bad, "gui.toml"));
+            Assert.Equal(key, e.Key);
+            Assert.Contains("only", e.Message);
+        }
+        c.ApplyArgs(["--xformers", "--max_data_loader_n_workers", "2"]);
+        var (vae, unet, ignored) = TrainerTests.OneThread(() =>
+        {
+            using var t = new SdTrainer(c);
+            t.Train();
+            return (t.Pipeline.Model.Vae!.parameters().First().dtype, t.Pipeline.Model.Unet.parameters().First().dtype, c.IgnoredOptions.Count);
+        });
+        Assert.Equal(ScalarType.Float32, vae);
+        Assert.Equal(ScalarType.BFloat16, unet);
+        Assert.Equal(2, ignored);
+    }
 }
