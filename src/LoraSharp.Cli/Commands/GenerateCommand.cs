@@ -119,10 +119,11 @@ internal sealed class ModelOptions
     public readonly Option<string?> Prediction = new("--prediction") { Description = "epsilon or v (v-prediction, SD2 768-v). Default: the model's scheduler config, else epsilon." };
     public readonly Option<string?> LbwPresets = new("--lbw-presets") { Description = "LoRA Block Weight preset file (lbwpresets.txt format NAME:w1,…); adds to the built-in presets." };
     public readonly Option<bool> NoProgress = new("--no-progress") { Description = "Do not show the progress bar." };
+    public readonly Option<string?> Vae = new("--vae") { Description = "Standalone VAE (.vae.safetensors / .vae.pt in ldm names, or a diffusers vae folder) replacing the checkpoint's (A1111 \"SD VAE\")." };
 
     public void AddTo(Command command)
     {
-        foreach (var option in new Option[] { Model, Negative, Steps, Sampler, Cfg, Seed, Width, Height, ClipSkip, LoraDir, DType, Merge, Tokenizer, Config, Prediction, LbwPresets, NoProgress })
+        foreach (var option in new Option[] { Model, Negative, Steps, Sampler, Cfg, Seed, Width, Height, ClipSkip, LoraDir, DType, Merge, Tokenizer, Config, Prediction, LbwPresets, NoProgress, Vae })
             command.Options.Add(option);
     }
 
@@ -141,6 +142,7 @@ internal sealed class ModelOptions
             TokenizerFolder = parse.GetValue(Tokenizer),
             ConfigFolder = parse.GetValue(Config),
             LoraFolder = Directory.Exists(loraDir) ? loraDir : null,
+            VaePath = parse.GetValue(Vae),
         });
         if (parse.GetValue(LbwPresets) is { } presets)
             pipe.BlockWeightPresets = LoraBlockWeight.ReadPresets(presets);

@@ -21,6 +21,8 @@ public sealed record Txt2ImgLoadOptions
     public string? ConfigFolder { get; init; }
     /// <summary>The LoRA folder (A1111 <c>models/Lora</c>); null = LoRA tags are refused.</summary>
     public string? LoraFolder { get; init; }
+    /// <summary>A standalone VAE (A1111's "SD VAE"): its weights replace the checkpoint's (<see cref="StableDiffusionModel.ReplaceVaeWeights"/>).</summary>
+    public string? VaePath { get; init; }
     /// <summary>Compute A1111's model hash (SHA-256 of the checkpoint file) for the image parameters.</summary>
     public bool ComputeModelHash { get; init; } = true;
 }
@@ -102,6 +104,7 @@ public sealed class Txt2ImgPipeline : IDisposable
         var model = StableDiffusionModel.Load(modelPath, loadOptions);
         try
         {
+            if (options.VaePath is { Length: > 0 } vaePath) model.ReplaceVaeWeights(vaePath);
             var configRoot = isFolder ? modelPath : options.ConfigFolder;
             var schedule = ScheduleOf(configRoot, isFolder ? null : modelPath);
             var (tok, tok2) = LoadTokenizers(model, isFolder ? modelPath : null, options.TokenizerFolder ?? (isFolder ? null : SiblingTokenizer(modelPath)));

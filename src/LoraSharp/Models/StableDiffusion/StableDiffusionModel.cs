@@ -130,6 +130,27 @@ public sealed class StableDiffusionModel : nn.Module
     }
 
     /// <summary>Loads a diffusers folder or a single-file checkpoint (.safetensors / .ckpt), whichever <paramref name="path"/> is.</summary>
+    /// <summary>
+    /// Replaces the VAE's weights by those of a standalone VAE file (A1111's "SD VAE", kohya's <c>vae</c>): a
+    /// <c>.vae.safetensors</c> / <c>.vae.pt</c> in ldm names (with or without <c>first_stage_model.</c>), a single-file
+    /// checkpoint's VAE, or a diffusers <c>vae/</c> folder. Its architecture must be this model's VAE (shapes are
+    /// checked); the weights take the VAE's dtype and device. The scaling factor stays the model's.
+    /// </summary>
+    public void ReplaceVaeWeights(string path)
+    {
+        var vae = Vae ?? throw new LoraSharpException("the model has no VAE to replace", path, "vae");
+        var first = vae.parameters().First();
+        using var loaded = StableDiffusionCheckpoint.LoadVae(path, Directory.Exists(path) ? null : Config.Vae, first.dtype, first.device);
+        using var noGrad = no_grad();
+        var source = loaded.state_dict();
+        foreach (var (key, target) in vae.state_dict())
+        {
+            if (!source.TryGetValue(key, out var value) || !value.shape.SequenceEqual(target.shape))
+                throw new LoraSharpException($"the VAE file does not fit the model's VAE at {key} ([{string.Join(", ", value?.shape ?? [])}] vs [{string.Join(", ", target.shape)}])", path, "vae");
+            target.copy_(value);
+        }
+    }
+
     public static StableDiffusionModel Load(string path, StableDiffusionLoadOptions? options = null) =>
         Directory.Exists(path) ? FromDiffusers(path, options) : StableDiffusionCheckpoint.Load(path, options);
 

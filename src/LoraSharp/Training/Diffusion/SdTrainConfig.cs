@@ -105,6 +105,8 @@ public sealed class SdTrainConfig
     public double? VPredLikeLoss { get; set; }
     public double CaptionTagDropoutRate { get; set; }
     public int CaptionDropoutEveryNEpochs { get; set; }
+    /// <summary>kohya vae: a standalone VAE whose weights replace the checkpoint's.</summary>
+    public string? Vae { get; set; }
     /// <summary>Keep the VAE in float32 when the rest runs in bf16/fp16 (kohya no_half_vae).</summary>
     public bool NoHalfVae { get; set; }
     /// <summary>kohya options given that have no effect in LoraSharp, with the reason (the trainer logs them).</summary>
@@ -231,7 +233,7 @@ public sealed class SdTrainConfig
         Ignored("lr_scheduler_args", "string list", "no scheduler arguments", v => v is TomlArray { Count: 0 } || v is string { Length: 0 }, "[]"),
         Ignored("noise_offset_type", "string", "noise_offset / multires_noise_iterations choose the noise", v => v is "Original" or "Multires", "Original or Multires"),
         Ignored("fp8_base", "boolean", "no fp8 base", v => v is false || v is "false" or "False", "false"),
-        Ignored("vae", "string", "no separate VAE file yet: the checkpoint's VAE is used", v => v is "", "empty"),
+        Str("vae", (c, v) => c.Vae = v.Length == 0 ? null : v, "standalone VAE file or diffusers vae folder replacing the checkpoint's"),
         Dbl("scale_weight_norms", (c, v) => c.ScaleWeightNorms = v, "cap each LoRA module's ‖ΔW‖ at this after every step (1.0 is common)"),
         Bool("noise_offset_random_strength", (c, v) => c.NoiseOffsetRandomStrength = v, "scale noise_offset by U(0, 1) per step"),
         Dbl("adaptive_noise_scale", (c, v) => c.AdaptiveNoiseScale = v, "add this × |latent mean| to noise_offset"),

@@ -88,6 +88,11 @@ public sealed class SdTrainer : IDisposable
         var dtype = ComputeDType(c.MixedPrecision);
         _model = StableDiffusionModel.Load(c.PretrainedModelNameOrPath, new StableDiffusionLoadOptions { DType = dtype });
         if (c.NoHalfVae && dtype != ScalarType.Float32) _model.Vae?.to(ScalarType.Float32);
+        if (c.Vae is { } vaePath)
+        {
+            _model.ReplaceVaeWeights(vaePath);
+            _log($"vae: weights from {vaePath}");
+        }
         foreach (var ignored in c.IgnoredOptions) _log($"config: {ignored} — no effect in LoraSharp");
         var model = _model;
         var family = model.Family;
