@@ -105,6 +105,8 @@ public sealed class SdTrainConfig
     public double? VPredLikeLoss { get; set; }
     public double CaptionTagDropoutRate { get; set; }
     public int CaptionDropoutEveryNEpochs { get; set; }
+    /// <summary>kohya flip_aug: each sample is mirrored left–right with probability ½ (both latents are cached).</summary>
+    public bool FlipAug { get; set; }
     /// <summary>kohya vae: a standalone VAE whose weights replace the checkpoint's.</summary>
     public string? Vae { get; set; }
     /// <summary>Keep the VAE in float32 when the rest runs in bf16/fp16 (kohya no_half_vae).</summary>
@@ -209,6 +211,7 @@ public sealed class SdTrainConfig
         Bool("ip_noise_gamma_random_strength", (c, v) => c.IpNoiseGammaRandomStrength = v, "draw the perturbation strength from [0, ip_noise_gamma)"),
         Bool("zero_terminal_snr", (c, v) => c.ZeroTerminalSnr = v, "rescale betas to zero terminal SNR"),
         Int("max_token_length", (c, v) => c.MaxTokenLength = v, "caption tokens: 75 (default), 150 or 225"),
+        Bool("flip_aug", (c, v) => c.FlipAug = v, "mirror each sample left-right with probability 1/2"),
         Bool("no_half_vae", (c, v) => c.NoHalfVae = v, "keep the VAE in float32 under bf16/fp16 mixed precision"),
         // kohya / Kohya_ss GUI options without an effect here: accepted (so their configs load) and reported
         Ignored("xformers", "boolean", "LoraSharp always uses scaled-dot-product attention"),

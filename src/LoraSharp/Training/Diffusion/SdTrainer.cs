@@ -208,7 +208,11 @@ public sealed class SdTrainer : IDisposable
         if (cacheLatents)
         {
             var sw = Stopwatch.StartNew();
-            foreach (var p in data.Train.Concat(data.Regularization)) _cache.Get(p).Dispose();
+            foreach (var p in data.Train.Concat(data.Regularization))
+            {
+                _cache.Get(p).Dispose();
+                if (p.Image.Folder.FlipAug ?? c.FlipAug) _cache.Get(p, flipped: true).Dispose();
+            }
             _log($"latents: {_cache.Encoded} encoded, {_cache.DiskHits} read from disk in {sw.Elapsed.TotalSeconds:0.0} s");
         }
 
@@ -406,7 +410,8 @@ public sealed class SdTrainer : IDisposable
         using var scope = NewDisposeScope();
         var unetParam = model.Unet.parameters().First();
         var device = unetParam.device;
-        var latents = stack(batch.Select(p => _cache!.Get(p)).ToArray()).to(device);
+        // flip_aug: a coin per sample (drawn only for samples whose subset flips, so other runs keep their random sequence)
+        var latents = stack(batch.Select(p => _cache!.Get(p, flipped: (p.Image.Folder.FlipAug ?? c.FlipAug) && rng.NextDouble() < 0.5)).ToArray()).to(device);
         var texts = batch.Select(p => captions.Process(p.Image, rng, epoch)).ToList();
         Tensor context, pooled;
         if (trainTe) { var (ctx, pl) = EncodeText(texts, tok1, tok2, sdxl); context = ctx; pooled = pl!; }

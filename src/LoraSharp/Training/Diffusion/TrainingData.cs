@@ -134,7 +134,7 @@ public sealed class LatentCache : IDisposable
     public int DiskHits { get; private set; }
     public int Encoded { get; private set; }
 
-    string KeyOf(PlacedImage p)
+    string KeyOf(PlacedImage p, bool flipped = false)
     {
         if (!_fileHashes.TryGetValue(p.Image.Path, out var h))
         {
@@ -143,13 +143,13 @@ public sealed class LatentCache : IDisposable
             _fileHashes[p.Image.Path] = h;
         }
         var pl = p.Placement;
-        return $"{h}_{pl.BucketWidth}x{pl.BucketHeight}_{pl.ResizedWidth}x{pl.ResizedHeight}+{pl.CropLeft}+{pl.CropTop}";
+        return $"{h}_{pl.BucketWidth}x{pl.BucketHeight}_{pl.ResizedWidth}x{pl.ResizedHeight}+{pl.CropLeft}+{pl.CropTop}{(flipped ? "_flip" : "")}";
     }
 
-    /// <summary>The latents [4, H/8, W/8] of an image (float32, a new tensor owned by the caller).</summary>
-    public Tensor Get(PlacedImage p)
+    /// <summary>The latents [4, H/8, W/8] of an image, or of its mirror image (flip_aug) (float32, a new tensor owned by the caller).</summary>
+    public Tensor Get(PlacedImage p, bool flipped = false)
     {
-        var key = KeyOf(p);
+        var key = KeyOf(p, flipped);
         if (_memory.TryGetValue(key, out var t)) return t.clone();
         Tensor latents;
         string? file = _diskFolder is null ? null : Path.Combine(_diskFolder, key + ".safetensors");
@@ -161,7 +161,7 @@ public sealed class LatentCache : IDisposable
         }
         else
         {
-            latents = Encode(_vae, [p])[0];
+            latents = Encode(_vae, [p], flipped)[0];
             Encoded++;
             if (file is not null) SafetensorsWriter.Write(file, new KeyValuePair<string, Tensor>[] { new("latents", latents) }, new Dictionary<string, string> { ["image"] = Path.GetFileName(p.Image.Path) });
         }
@@ -172,13 +172,14 @@ public sealed class LatentCache : IDisposable
         return latents;
     }
 
-    /// <summary>Encodes images with the VAE under no_grad: [N, 4, H/8, W/8] float32 latents (× scaling factor).</summary>
-    public static Tensor Encode(AutoencoderKL vae, IReadOnlyList<PlacedImage> images)
+    /// <summary>Encodes images (mirrored left–right with <paramref name="flipped"/>) with the VAE under no_grad: [N, 4, H/8, W/8] float32 latents (× scaling factor).</summary>
+    public static Tensor Encode(AutoencoderKL vae, IReadOnlyList<PlacedImage> images, bool flipped = false)
     {
         using var noGrad = no_grad();
         using var scope = NewDisposeScope();
         var param = vae.parameters().First();
         var pixels = stack(images.Select(p => TrainImageLoader.LoadForBucket(p.Image.Path, p.Placement)).ToArray()).to(param.dtype).to(param.device);
+        if (flipped) pixels = pixels.flip(-1);
         using var dist = vae.Encode(pixels);
         var latents = dist.Sample().to_type(ScalarType.Float32) * vae.Config.ScalingFactor;
         return latents.MoveToOuterDisposeScope();

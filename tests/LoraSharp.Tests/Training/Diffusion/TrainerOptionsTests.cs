@@ -547,4 +547,45 @@ public class TrainerOptionsTests
         Assert.Equal(ScalarType.BFloat16, unet);
         Assert.Equal(2, ignored);
     }
+
+    [Fact]
+    public void Flip_aug_caches_the_mirrored_latents_and_trains()
+    {
+        using var tmp = new TempDir();
+        var image = Path.Combine(tmp.Path, "a.png");
+        LearningTests.WritePattern(image, 64, 3);
+        // the same picture mirrored, written as a file
+        var mirrored = Path.Combine(tmp.Path, "b.png");
+        using (var bmp = SkiaSharp.SKBitmap.Decode(image))
+        using (var flipped = new SkiaSharp.SKBitmap(bmp.Info))
+        {
+            for (int y = 0; y < bmp.Height; y++)
+                for (int x = 0; x < bmp.Width; x++) flipped.SetPixel(bmp.Width - 1 - x, y, bmp.GetPixel(x, y));
+            using var data = flipped.Encode(SkiaSharp.SKEncodedImageFormat.Png, 100);
+            File.WriteAllBytes(mirrored, data.ToArray());
+        }
+        using var model = LoraSharp.Models.StableDiffusion.StableDiffusionModel.Load(LearningTests.TinyModel);
+        var placement = new BucketManager((64, 64), false).Place(64, 64);
+        var folder = new ConceptFolder(tmp.Path, "1_x", 1, "x", false);
+        PlacedImage Placed(string path) => new(new TrainImage(path, "x", folder), placement, 64, 64);
+        manual_seed(5);
+        using var viaFlag = LatentCache.Encode(model.Vae!, [Placed(image)], flipped: true);
+        manual_seed(5);
+        using var viaFile = LatentCache.Encode(model.Vae!, [Placed(mirrored)]);
+        Assert.True((viaFlag - viaFile).abs().max().item<float>() < 1e-5);
+        using var cache = new LatentCache(model.Vae!, null, keepInMemory: true);
+        using (var a = cache.Get(Placed(image)))
+        using (var b = cache.Get(Placed(image), flipped: true))
+            Assert.True((a - b).abs().max().item<float>() > 1e-3);
+        Assert.Equal(2, cache.Count);
+
+        var result = TrainerTests.OneThread(() =>
+        {
+            using var t = new SdTrainer(TrainerTests.Config(tmp, LearningTests.TinyModel, "out", "--max_train_steps", "2", "--flip_aug"));
+            return t.Train();
+        });
+        Assert.All(result.Losses, l => Assert.True(double.IsFinite(l) && l > 0));
+        using var f = SafetensorsFile.Open(result.AdapterPath);
+        Assert.Equal("True", f.Metadata["ss_flip_aug"]);
+    }
 }
