@@ -31,6 +31,49 @@ public sealed record NetworkSpec
     public IReadOnlyList<int>? ConvBlockDims { get; init; }
     public IReadOnlyList<double>? ConvBlockAlphas { get; init; }
 
+    /// <summary>
+    /// kohya's block-wise learning-rate weights (network_args down_lr_weight, mid_lr_weight, up_lr_weight,
+    /// block_lr_zero_threshold) per block 0..24; null = off. A weight of 0 leaves the block's modules out.
+    /// </summary>
+    public IReadOnlyList<double>? BlockLrWeights { get; init; }
+
+    /// <summary>
+    /// One side's 12 weights (kohya get_block_lr_weight): "w0,w1,…" (fewer values are padded with 1, more are cut),
+    /// or a preset <c>sine</c>, <c>cosine</c>, <c>linear</c>, <c>reverse_linear</c>, <c>zeros</c> with an optional
+    /// "+offset" (sine: sin(π/2·i/11), cosine: the same reversed, linear: i/11).
+    /// </summary>
+    public static double[] BlockLrList(string spec)
+    {
+        const int n = 12;
+        if (spec.Contains(','))
+        {
+            var values = spec.Split(',', StringSplitOptions.TrimEntries).Select(v => double.Parse(v, NumberStyles.Float, CultureInfo.InvariantCulture)).ToList();
+            while (values.Count < n) values.Add(1.0);
+            return values.Take(n).ToArray();
+        }
+        var parts = spec.Split('+');
+        double offset = parts.Length > 1 ? double.Parse(parts[1], NumberStyles.Float, CultureInfo.InvariantCulture) : 0;
+        IEnumerable<int> up = Enumerable.Range(0, n), down = up.Reverse();
+        double Sin(int i) => Math.Sin(Math.PI * (i / (double)(n - 1)) / 2);
+        return (parts[0].Trim() switch
+        {
+            "sine" => up.Select(Sin),
+            "cosine" => down.Select(Sin),
+            "linear" => up.Select(i => i / (double)(n - 1)),
+            "reverse_linear" => down.Select(i => i / (double)(n - 1)),
+            "zeros" => up.Select(_ => 0.0),
+            var other => throw new FormatException($"'{other}' is neither 12 comma-separated weights nor sine, cosine, linear, reverse_linear or zeros"),
+        }).Select(w => w + offset).ToArray();
+    }
+
+    /// <summary>The learning-rate weight of a UNet module's block (1 outside the blocks or when block weights are off).</summary>
+    public double LrWeightOf(string modulePath)
+    {
+        if (BlockLrWeights is null) return 1;
+        int block = KohyaBlockIndex(modulePath);
+        return block < 0 ? 1 : BlockLrWeights[block];
+    }
+
     /// <summary>Number of kohya blocks (SD 1.x / 2.x UNet): 12 input, the middle, 12 output.</summary>
     public const int KohyaBlocks = 25;
 
@@ -54,6 +97,7 @@ public sealed record NetworkSpec
     /// <summary>The adapter configuration of one module (block-wise ranks applied to UNet modules); null = leave it out.</summary>
     public AdapterConfig? ConfigFor(string modulePath, LayerGeometry geometry)
     {
+        if (modulePath.StartsWith("unet.", StringComparison.Ordinal) && LrWeightOf(modulePath) == 0) return null; // kohya: a block with lr weight 0 is not created
         if (BlockDims is null || !modulePath.StartsWith("unet.", StringComparison.Ordinal)) return Adapter;
         int block = KohyaBlockIndex(modulePath);
         if (block < 0) return Adapter;
@@ -177,6 +221,22 @@ public sealed record NetworkSpec
             if (convBlockDims is not null) convBlockAlphas ??= Enumerable.Repeat(convAlpha ?? 1.0, KohyaBlocks).ToArray();
             conv = convBlockDims is not null;
         }
+        double[]? blockLr = null;
+        if (args.ContainsKey("down_lr_weight") || args.ContainsKey("mid_lr_weight") || args.ContainsKey("up_lr_weight"))
+        {
+            if (kind is not ("lora" or "locon")) throw new LoraSharpException($"block learning-rate weights apply to LoRA / LoCon (kohya networks.lora), not to {kind}", "config", "network_args");
+            try
+            {
+                var downW = args.TryGetValue("down_lr_weight", out var downSpec) ? BlockLrList(downSpec) : Enumerable.Repeat(1.0, 12).ToArray();
+                var upW = args.TryGetValue("up_lr_weight", out var upSpec) ? BlockLrList(upSpec) : Enumerable.Repeat(1.0, 12).ToArray();
+                double midW = Arg("mid_lr_weight") ?? 1.0;
+                double threshold = Arg("block_lr_zero_threshold") ?? 0;
+                blockLr = [.. downW, midW, .. upW];
+                if (threshold > 0) blockLr = blockLr.Select(w => w > threshold ? w : 0).ToArray();
+                if (blockLr.Any(w => w < 0)) throw new FormatException("weights must not be negative");
+            }
+            catch (FormatException e) { throw new LoraSharpException($"network_args block learning-rate weights: {e.Message}", "config", "network_args"); }
+        }
         double? plus = Arg("loraplus_lr_ratio");
         double? plusUnet = Arg("loraplus_unet_lr_ratio") ?? plus, plusTe = Arg("loraplus_text_encoder_lr_ratio") ?? plus;
         foreach (var r in new[] { plusUnet, plusTe })
@@ -185,7 +245,7 @@ public sealed record NetworkSpec
             throw new LoraSharpException($"loraplus_*_lr_ratio applies to the up matrices of LoRA / LoCon / DyLoRA, not to {kind}", "config", "network_args");
         return new NetworkSpec
         {
-            BlockDims = blockDims, BlockAlphas = blockAlphas, ConvBlockDims = convBlockDims, ConvBlockAlphas = convBlockAlphas,
+            BlockDims = blockDims, BlockAlphas = blockAlphas, ConvBlockDims = convBlockDims, ConvBlockAlphas = convBlockAlphas, BlockLrWeights = blockLr,
             LoraPlusUnetRatio = plusUnet,
             LoraPlusTextEncoderRatio = plusTe,
             Kind = kind,

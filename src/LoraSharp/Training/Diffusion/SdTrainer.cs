@@ -136,8 +136,8 @@ public sealed class SdTrainer : IDisposable
             if (trainUnet) selector.IncludeRegex(NetworkSpec.UnetAttentionPattern);
             if (trainUnet && spec.Conv) selector.IncludeRegex(NetworkSpec.UnetConvPattern);
             if (trainTe) selector.IncludeRegex(NetworkSpec.TextEncoderPattern);
-            if (spec.BlockDims is not null && sdxl)
-                throw new LoraSharpException("block_dims describes the 25 blocks of an SD 1.x / 2.x UNet; SDXL is not supported", "config", "network_args");
+            if ((spec.BlockDims ?? (object?)spec.BlockLrWeights) is not null && sdxl)
+                throw new LoraSharpException("block_dims and block learning-rate weights describe the 25 blocks of an SD 1.x / 2.x UNet; SDXL is not supported", "config", "network_args");
             adapter = host.Create(AdapterName, spec.ConfigFor, selector);
         }
         var named = host.NamedTrainableParameters(AdapterName);
@@ -177,7 +177,13 @@ public sealed class SdTrainer : IDisposable
 
         // ---- optimizer
         var groups = new List<ParamGroup>();
-        if (trainUnet) AddGroups("unet", unetNamed, unetLr, spec.LoraPlusUnetRatio);
+        if (trainUnet && spec.BlockLrWeights is not null)
+        {
+            // kohya block-wise learning rates: one group per block weight (× LoRA+ for the up matrices)
+            foreach (var g in unetNamed.GroupBy(p => spec.LrWeightOf(ModulePathOf(p.Name))).OrderBy(g => g.Key))
+                AddGroups(g.Key == 1 ? "unet" : $"unet_lr{g.Key.ToString("0.###", CultureInfo.InvariantCulture)}", g.ToList(), unetLr * g.Key, spec.LoraPlusUnetRatio);
+        }
+        else if (trainUnet) AddGroups("unet", unetNamed, unetLr, spec.LoraPlusUnetRatio);
         if (trainTe) AddGroups("text_encoder", teNamed, teLr, spec.LoraPlusTextEncoderRatio);
         // LoRA+ (kohya networks.lora): the up matrices get their own group at lr × ratio
         void AddGroups(string name, List<(string Name, TorchSharp.Modules.Parameter Param)> ps, double lr, double? plusRatio)

@@ -588,4 +588,39 @@ public class TrainerOptionsTests
         using var f = SafetensorsFile.Open(result.AdapterPath);
         Assert.Equal("True", f.Metadata["ss_flip_aug"]);
     }
+
+    [Fact]
+    public void Block_learning_rate_weights_follow_kohyas_presets_and_give_each_block_its_group()
+    {
+        double Sin(int i) => Math.Sin(Math.PI * i / 11 / 2);
+        Assert.Equal(Enumerable.Range(0, 12).Select(Sin), NetworkSpec.BlockLrList("sine"), new ToleranceComparer());
+        Assert.Equal(Enumerable.Range(0, 12).Reverse().Select(Sin), NetworkSpec.BlockLrList("cosine"), new ToleranceComparer());
+        Assert.Equal(Enumerable.Range(0, 12).Select(i => i / 11.0 + 0.5), NetworkSpec.BlockLrList("linear+0.5"), new ToleranceComparer());
+        Assert.Equal(Enumerable.Range(0, 12).Select(i => (11 - i) / 11.0), NetworkSpec.BlockLrList("reverse_linear"), new ToleranceComparer());
+        Assert.Equal(Enumerable.Repeat(0.0, 12), NetworkSpec.BlockLrList("zeros"));
+        Assert.Equal(new[] { 2.0, 0.5 }.Concat(Enumerable.Repeat(1.0, 10)), NetworkSpec.BlockLrList("2,0.5"));
+        Assert.Throws<FormatException>(() => NetworkSpec.BlockLrList("triangle"));
+
+        using var tmp = new TempDir();
+        var down = string.Join(",", Enumerable.Repeat("0.5", 12));
+        var groups = TrainerTests.OneThread(() =>
+        {
+            using var t = new SdTrainer(TrainerTests.Config(tmp, LearningTests.TinyModel, "out", "--max_train_steps", "1", "--network_train_unet_only",
+                "--unet_lr", "1e-3", "--network_args", $"down_lr_weight={down}", "mid_lr_weight=2", "up_lr_weight=zeros"));
+            t.Train();
+            // up blocks (weight 0) have no modules
+            Assert.DoesNotContain(t.Host!["lora"].Modules, m => m.ModulePath.StartsWith("unet.up_blocks.", StringComparison.Ordinal));
+            Assert.Contains(t.Host!["lora"].Modules, m => m.ModulePath.StartsWith("unet.down_blocks.", StringComparison.Ordinal));
+            return t.Optimizer!.Groups.ToDictionary(g => g.Name, g => g.BaseLearningRate);
+        });
+        Assert.Equal(5e-4, groups["unet_lr0.5"], 12);
+        Assert.Equal(2e-3, groups["unet_lr2"], 12);
+        Assert.Equal(2, groups.Count);
+    }
+
+    sealed class ToleranceComparer : IEqualityComparer<double>
+    {
+        public bool Equals(double a, double b) => Math.Abs(a - b) < 1e-12;
+        public int GetHashCode(double d) => 0;
+    }
 }
