@@ -92,6 +92,8 @@ public static class DatasetConfig
                 Get("caption_dropout_every_n_epochs", config.CaptionDropoutEveryNEpochs, v => Convert.ToInt32(v, CultureInfo.InvariantCulture)));
             if (captions.DropoutRate is < 0 or > 1 || captions.TagDropoutRate is < 0 or > 1)
                 throw Bad("datasets.subsets.caption_dropout_rate", "caption dropout rates must be in [0, 1]");
+            if (config.CacheTextEncoderOutputs && (captions.Shuffle || captions.DropoutRate > 0 || captions.TagDropoutRate > 0 || captions.DropoutEveryNEpochs > 0))
+                throw Bad("datasets.subsets.shuffle_caption", "cache_text_encoder_outputs needs fixed captions: this subset shuffles or drops them");
             var classTokens = Get("class_tokens", "", Str);
             var name = $"{repeats}_{(classTokens.Length > 0 ? classTokens : Path.GetFileName(dir))}";
             folders.Add(new ConceptFolder(dir, name, repeats, classTokens, Get("is_reg", false, v => (bool)v),

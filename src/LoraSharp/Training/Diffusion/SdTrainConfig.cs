@@ -105,6 +105,8 @@ public sealed class SdTrainConfig
     public double? VPredLikeLoss { get; set; }
     public double CaptionTagDropoutRate { get; set; }
     public int CaptionDropoutEveryNEpochs { get; set; }
+    /// <summary>kohya cache_text_encoder_outputs: encode each caption once (UNet-only training with fixed captions).</summary>
+    public bool CacheTextEncoderOutputs { get; set; }
     /// <summary>kohya flip_aug: each sample is mirrored left–right with probability ½ (both latents are cached).</summary>
     public bool FlipAug { get; set; }
     /// <summary>kohya vae: a standalone VAE whose weights replace the checkpoint's.</summary>
@@ -212,6 +214,8 @@ public sealed class SdTrainConfig
         Bool("zero_terminal_snr", (c, v) => c.ZeroTerminalSnr = v, "rescale betas to zero terminal SNR"),
         Int("max_token_length", (c, v) => c.MaxTokenLength = v, "caption tokens: 75 (default), 150 or 225"),
         Bool("flip_aug", (c, v) => c.FlipAug = v, "mirror each sample left-right with probability 1/2"),
+        Bool("cache_text_encoder_outputs", (c, v) => c.CacheTextEncoderOutputs = v, "encode each caption once (needs network_train_unet_only and fixed captions)"),
+        Ignored("cache_text_encoder_outputs_to_disk", "boolean", "the text encoder outputs are cached in memory"),
         Bool("no_half_vae", (c, v) => c.NoHalfVae = v, "keep the VAE in float32 under bf16/fp16 mixed precision"),
         // kohya / Kohya_ss GUI options without an effect here: accepted (so their configs load) and reported
         Ignored("xformers", "boolean", "LoraSharp always uses scaled-dot-product attention"),
@@ -437,6 +441,10 @@ public sealed class SdTrainConfig
         Need(IpNoiseGamma is null or >= 0, "ip_noise_gamma", "must not be negative");
         Need(ScaleWeightNorms is null or > 0, "scale_weight_norms", "must be positive");
         Need(MaxTokenLength is null or 75 or 150 or 225, "max_token_length", "expected 75, 150 or 225");
+        Need(!CacheTextEncoderOutputs || NetworkTrainUnetOnly || TextEncoderLr == 0, "cache_text_encoder_outputs",
+            "caches the text encoder's outputs, so the text encoder cannot train: add network_train_unet_only");
+        Need(!CacheTextEncoderOutputs || !(ShuffleCaption || CaptionDropoutRate > 0 || CaptionTagDropoutRate > 0 || CaptionDropoutEveryNEpochs > 0),
+            "cache_text_encoder_outputs", "needs fixed captions: not with shuffle_caption, caption_dropout_rate, caption_tag_dropout_rate or caption_dropout_every_n_epochs");
         Need(CaptionTagDropoutRate is >= 0 and <= 1, "caption_tag_dropout_rate", "must be in [0, 1]");
         Need(CaptionDropoutEveryNEpochs >= 0, "caption_dropout_every_n_epochs", "must not be negative");
         Need(AdaptiveNoiseScale is null || NoiseOffset > 0, "adaptive_noise_scale", "needs noise_offset (kohya applies it to the noise offset)");

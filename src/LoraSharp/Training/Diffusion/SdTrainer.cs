@@ -46,6 +46,9 @@ public sealed class SdTrainer : IDisposable
     StableDiffusionModel? _model;
     AdapterHost? _host;
     IGroupedOptimizer? _optimizer;
+    readonly Dictionary<string, (Tensor Context, Tensor? Pooled)> _textCache = new(StringComparer.Ordinal);
+    /// <summary>Captions encoded so far by <c>cache_text_encoder_outputs</c>.</summary>
+    public int CachedTextEncoderOutputs => _textCache.Count;
     LatentCache? _cache;
     GradientCheckpointing? _checkpointing;
     Txt2ImgPipeline? _pipeline;
@@ -424,8 +427,27 @@ public sealed class SdTrainer : IDisposable
         else
         {
             using var _ = no_grad();
-            var (ctx, pl) = EncodeText(texts, tok1, tok2, sdxl);
-            context = ctx; pooled = pl!;
+            if (c.CacheTextEncoderOutputs)
+            {
+                // cache_text_encoder_outputs: each distinct caption is encoded once (captions are fixed: Validate checks)
+                var encoded = texts.Select(text =>
+                {
+                    if (!_textCache.TryGetValue(text, out var hit))
+                    {
+                        var (ctx1, pl1) = EncodeText([text], tok1, tok2, sdxl);
+                        hit = (ctx1.DetachFromDisposeScope(), pl1?.DetachFromDisposeScope());
+                        _textCache[text] = hit;
+                    }
+                    return hit;
+                }).ToList();
+                context = cat(encoded.Select(e => e.Context).ToArray(), 0);
+                pooled = sdxl ? cat(encoded.Select(e => e.Pooled!).ToArray(), 0) : null!;
+            }
+            else
+            {
+                var (ctx, pl) = EncodeText(texts, tok1, tok2, sdxl);
+                context = ctx; pooled = pl!;
+            }
         }
         long b = latents.shape[0];
         var eps = randn(latents.shape, generator: generator).to(device);
@@ -586,6 +608,8 @@ public sealed class SdTrainer : IDisposable
 
     public void Dispose()
     {
+        foreach (var (ctx, pooled) in _textCache.Values) { ctx.Dispose(); pooled?.Dispose(); }
+        _textCache.Clear();
         _pipeline?.Dispose();
         _checkpointing?.Dispose();
         _cache?.Dispose();

@@ -618,6 +618,34 @@ public class TrainerOptionsTests
         Assert.Equal(2, groups.Count);
     }
 
+    [Fact]
+    public void Cached_text_encoder_outputs_give_the_same_training_as_encoding_every_step()
+    {
+        using var tmp = new TempDir();
+        (IReadOnlyList<double> Losses, int Cached) Run(bool cache)
+        {
+            using var t2 = new TempDir();
+            return TrainerTests.OneThread(() =>
+            {
+                var args = new List<string> { "--max_train_steps", "3", "--network_train_unet_only" };
+                if (cache) args.Add("--cache_text_encoder_outputs");
+                using var t = new SdTrainer(TrainerTests.Config(t2, LearningTests.TinyModel, "out", [.. args]));
+                var r = t.Train();
+                return (r.Losses, t.CachedTextEncoderOutputs);
+            });
+        }
+        var plain = Run(false);
+        var cached = Run(true);
+        Assert.Equal(0, plain.Cached);
+        Assert.Equal(2, cached.Cached); // the two distinct captions of the dataset
+        Assert.Equal(plain.Losses, cached.Losses);
+
+        var e = Assert.Throws<LoraSharpException>(() => TrainerTests.Config(tmp, LearningTests.TinyModel, "out", "--cache_text_encoder_outputs").Validate());
+        Assert.Equal("cache_text_encoder_outputs", e.Key);
+        e = Assert.Throws<LoraSharpException>(() => TrainerTests.Config(tmp, LearningTests.TinyModel, "out", "--cache_text_encoder_outputs", "--network_train_unet_only", "--shuffle_caption").Validate());
+        Assert.Contains("fixed captions", e.Message);
+    }
+
     sealed class ToleranceComparer : IEqualityComparer<double>
     {
         public bool Equals(double a, double b) => Math.Abs(a - b) < 1e-12;
