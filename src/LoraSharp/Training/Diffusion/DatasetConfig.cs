@@ -6,8 +6,8 @@ namespace LoraSharp.Training.Diffusion;
 
 /// <summary>
 /// kohya's <c>dataset_config</c> TOML (the DreamBooth-style blueprint): <c>[general]</c> holds defaults for every
-/// dataset and subset, one <c>[[datasets]]</c> sets the resolution, batch size and buckets (and defaults for its
-/// subsets), and each <c>[[datasets.subsets]]</c> is a folder of images: <c>image_dir</c>, <c>num_repeats</c>,
+/// dataset and subset, each <c>[[datasets]]</c> sets its resolution, batch size and buckets (and defaults for its
+/// subsets; batches never mix datasets), and each <c>[[datasets.subsets]]</c> is a folder of images: <c>image_dir</c>, <c>num_repeats</c>,
 /// <c>class_tokens</c>, <c>is_reg</c>, <c>caption_extension</c> and the caption options. Values given here override the
 /// training config (a dataset's <c>batch_size</c> becomes <c>train_batch_size</c>). Keys of kohya's features that
 /// LoraSharp does not implement (colour augmentation, random crop, token warm-up, wildcards, fine-tuning metadata files) are refused by
@@ -34,8 +34,15 @@ public static class DatasetConfig
         "conditioning_data_dir", "custom_attributes",
     };
 
-    /// <summary>The subsets as concept folders (their caption options resolved); the dataset's values are written into <paramref name="config"/>.</summary>
-    public static List<ConceptFolder> Apply(string path, SdTrainConfig config)
+    /// <summary>One <c>[[datasets]]</c>: its resolution, batch size and bucket settings, and its subsets as concept folders.</summary>
+    public sealed record Dataset(SdTrainConfig Settings, List<ConceptFolder> Folders);
+
+    /// <summary>
+    /// The datasets of the file, each with its subsets as concept folders (caption options resolved) and its own
+    /// resolution / batch size / bucket settings (a copy of <paramref name="config"/> with the dataset's values). The
+    /// first dataset's values are also written into <paramref name="config"/> (what the run reports).
+    /// </summary>
+    public static List<Dataset> Apply(string path, SdTrainConfig config)
     {
         if (!File.Exists(path)) throw new LoraSharpException("dataset config not found", path, "dataset_config");
         TomlTable root;
@@ -48,58 +55,68 @@ public static class DatasetConfig
             if (key is not ("general" or "datasets")) throw Bad(key, "unknown top-level key (expected [general] and [[datasets]])");
         if (!root.TryGetValue("datasets", out var ds) || ds is not TomlTableArray datasets || datasets.Count == 0)
             throw Bad("datasets", "expected at least one [[datasets]] table");
-        if (datasets.Count > 1)
-            throw Bad("datasets", $"{datasets.Count} [[datasets]] tables: LoraSharp trains one dataset per run; put the subsets into one [[datasets]] (they share its resolution and batch size)");
-        var dataset = datasets[0];
-
-        // general → dataset → subset: the most specific value wins
         Check(general, "general", DatasetKeys.Concat(SubsetKeys).Concat(OffOnlyKeys));
-        Check(dataset, "datasets", DatasetKeys.Concat(SubsetKeys).Concat(OffOnlyKeys).Append("subsets"));
-        object? DatasetValue(string key) => dataset.TryGetValue(key, out var v) ? v : general.TryGetValue(key, out var gv) ? gv : null;
-        foreach (var key in DatasetKeys)
+        var result = new List<Dataset>();
+        foreach (var dataset in datasets)
         {
-            if (DatasetValue(key) is not { } v) continue;
-            config.Set(key == "batch_size" ? "train_batch_size" : key, key == "resolution" ? Resolution(v) : v, path);
-        }
-
-        if (!dataset.TryGetValue("subsets", out var ss) || ss is not TomlTableArray subsets || subsets.Count == 0)
-            throw Bad("datasets.subsets", "expected at least one [[datasets.subsets]] table");
-        var folders = new List<ConceptFolder>();
-        foreach (var subset in subsets)
-        {
-            Check(subset, "datasets.subsets", SubsetKeys.Concat(OffOnlyKeys));
-            object? Value(string key) => subset.TryGetValue(key, out var v) ? v : DatasetValue(key);
-            T Get<T>(string key, T fallback, Func<object, T> convert)
-            {
-                if (Value(key) is not { } v) return fallback;
-                try { return convert(v); }
-                catch (Exception e) when (e is FormatException or InvalidCastException or OverflowException)
+            // general → dataset → subset: the most specific value wins
+            Check(dataset, "datasets", DatasetKeys.Concat(SubsetKeys).Concat(OffOnlyKeys).Append("subsets"));
+            var settings = config.Clone();
+            foreach (var target in result.Count == 0 ? new[] { settings, config } : [settings])
+                foreach (var key in DatasetKeys)
                 {
-                    throw Bad($"datasets.subsets.{key}", $"'{v}' has the wrong type: {e.Message}");
+                    if (Inherited(dataset, key) is not { } value) continue;
+                    target.Set(key == "batch_size" ? "train_batch_size" : key, key == "resolution" ? Resolution(value) : value, path);
                 }
-            }
-            string Str(object v) => v as string ?? throw new FormatException("expected a string");
-            var dir = Get<string?>("image_dir", null, Str) ?? throw Bad("datasets.subsets.image_dir", "is required");
-            dir = Path.GetFullPath(Path.IsPathRooted(dir) ? dir : Path.Combine(baseDir, dir));
-            if (!Directory.Exists(dir)) throw new LoraSharpException("image_dir not found", path, "datasets.subsets.image_dir " + dir);
-            int repeats = Get("num_repeats", 1, v => Convert.ToInt32(v, CultureInfo.InvariantCulture));
-            if (repeats < 1) throw Bad("datasets.subsets.num_repeats", "must be at least 1");
-            var captions = new CaptionSettings(
-                Get("shuffle_caption", config.ShuffleCaption, v => (bool)v),
-                Get("keep_tokens", config.KeepTokens, v => Convert.ToInt32(v, CultureInfo.InvariantCulture)),
-                Get("caption_dropout_rate", config.CaptionDropoutRate, v => Convert.ToDouble(v, CultureInfo.InvariantCulture)),
-                Get("caption_tag_dropout_rate", config.CaptionTagDropoutRate, v => Convert.ToDouble(v, CultureInfo.InvariantCulture)),
-                Get("caption_dropout_every_n_epochs", config.CaptionDropoutEveryNEpochs, v => Convert.ToInt32(v, CultureInfo.InvariantCulture)));
-            if (captions.DropoutRate is < 0 or > 1 || captions.TagDropoutRate is < 0 or > 1)
-                throw Bad("datasets.subsets.caption_dropout_rate", "caption dropout rates must be in [0, 1]");
-            if (config.CacheTextEncoderOutputs && (captions.Shuffle || captions.DropoutRate > 0 || captions.TagDropoutRate > 0 || captions.DropoutEveryNEpochs > 0))
-                throw Bad("datasets.subsets.shuffle_caption", "cache_text_encoder_outputs needs fixed captions: this subset shuffles or drops them");
-            var classTokens = Get("class_tokens", "", Str);
-            var name = $"{repeats}_{(classTokens.Length > 0 ? classTokens : Path.GetFileName(dir))}";
-            folders.Add(new ConceptFolder(dir, name, repeats, classTokens, Get("is_reg", false, v => (bool)v),
-                Get("caption_extension", config.CaptionExtension, Str), captions, Get("flip_aug", config.FlipAug, v => (bool)v)));
+            result.Add(new Dataset(settings, Subsets(dataset, settings)));
         }
-        return folders;
+        return result;
+
+        object? Inherited(TomlTable dataset, string key) => dataset.TryGetValue(key, out var v) ? v : general.TryGetValue(key, out var gv) ? gv : null;
+
+        List<ConceptFolder> Subsets(TomlTable dataset, SdTrainConfig config)
+        {
+            object? DatasetValue(string key) => Inherited(dataset, key);
+
+            if (!dataset.TryGetValue("subsets", out var ss) || ss is not TomlTableArray subsets || subsets.Count == 0)
+                throw Bad("datasets.subsets", "expected at least one [[datasets.subsets]] table");
+            var folders = new List<ConceptFolder>();
+            foreach (var subset in subsets)
+            {
+                Check(subset, "datasets.subsets", SubsetKeys.Concat(OffOnlyKeys));
+                object? Value(string key) => subset.TryGetValue(key, out var v) ? v : DatasetValue(key);
+                T Get<T>(string key, T fallback, Func<object, T> convert)
+                {
+                    if (Value(key) is not { } v) return fallback;
+                    try { return convert(v); }
+                    catch (Exception e) when (e is FormatException or InvalidCastException or OverflowException)
+                    {
+                        throw Bad($"datasets.subsets.{key}", $"'{v}' has the wrong type: {e.Message}");
+                    }
+                }
+                string Str(object v) => v as string ?? throw new FormatException("expected a string");
+                var dir = Get<string?>("image_dir", null, Str) ?? throw Bad("datasets.subsets.image_dir", "is required");
+                dir = Path.GetFullPath(Path.IsPathRooted(dir) ? dir : Path.Combine(baseDir, dir));
+                if (!Directory.Exists(dir)) throw new LoraSharpException("image_dir not found", path, "datasets.subsets.image_dir " + dir);
+                int repeats = Get("num_repeats", 1, v => Convert.ToInt32(v, CultureInfo.InvariantCulture));
+                if (repeats < 1) throw Bad("datasets.subsets.num_repeats", "must be at least 1");
+                var captions = new CaptionSettings(
+                    Get("shuffle_caption", config.ShuffleCaption, v => (bool)v),
+                    Get("keep_tokens", config.KeepTokens, v => Convert.ToInt32(v, CultureInfo.InvariantCulture)),
+                    Get("caption_dropout_rate", config.CaptionDropoutRate, v => Convert.ToDouble(v, CultureInfo.InvariantCulture)),
+                    Get("caption_tag_dropout_rate", config.CaptionTagDropoutRate, v => Convert.ToDouble(v, CultureInfo.InvariantCulture)),
+                    Get("caption_dropout_every_n_epochs", config.CaptionDropoutEveryNEpochs, v => Convert.ToInt32(v, CultureInfo.InvariantCulture)));
+                if (captions.DropoutRate is < 0 or > 1 || captions.TagDropoutRate is < 0 or > 1)
+                    throw Bad("datasets.subsets.caption_dropout_rate", "caption dropout rates must be in [0, 1]");
+                if (config.CacheTextEncoderOutputs && (captions.Shuffle || captions.DropoutRate > 0 || captions.TagDropoutRate > 0 || captions.DropoutEveryNEpochs > 0))
+                    throw Bad("datasets.subsets.shuffle_caption", "cache_text_encoder_outputs needs fixed captions: this subset shuffles or drops them");
+                var classTokens = Get("class_tokens", "", Str);
+                var name = $"{repeats}_{(classTokens.Length > 0 ? classTokens : Path.GetFileName(dir))}";
+                folders.Add(new ConceptFolder(dir, name, repeats, classTokens, Get("is_reg", false, v => (bool)v),
+                    Get("caption_extension", config.CaptionExtension, Str), captions, Get("flip_aug", config.FlipAug, v => (bool)v)));
+            }
+            return folders;
+        }
 
         LoraSharpException Bad(string key, string what) => new(what, path, key);
 

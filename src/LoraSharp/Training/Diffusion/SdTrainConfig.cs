@@ -315,6 +315,9 @@ public sealed class SdTrainConfig
         return (w, parts.Length == 2 ? int.Parse(parts[1], CultureInfo.InvariantCulture) : w);
     }
 
+    /// <summary>A shallow copy (list-valued options are shared).</summary>
+    public SdTrainConfig Clone() => (SdTrainConfig)MemberwiseClone();
+
     /// <summary>Sets one option by its kohya name (a hyphenated spelling is accepted).</summary>
     public void Set(string key, object value, string? source = null)
     {

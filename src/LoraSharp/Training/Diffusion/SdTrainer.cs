@@ -166,7 +166,7 @@ public sealed class SdTrainer : IDisposable
                 Unet = model.Unet.Config,
                 ModelBytes = model.parameters().Sum(p => p.numel() * p.element_size()),
                 AdapterParameters = adapterParams,
-                BatchSize = c.TrainBatchSize,
+                BatchSize = data.MaxBatchSize,
                 MaxImageSize = maxBucket,
                 ActivationBytes = dtype == ScalarType.Float32 ? 4 : 2,
                 Optimizer = optimizerName,

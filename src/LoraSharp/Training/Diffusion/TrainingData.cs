@@ -12,6 +12,9 @@ public sealed record PlacedImage(TrainImage Image, BucketPlacement Placement, in
     public (int W, int H) Bucket => (Placement.BucketWidth, Placement.BucketHeight);
 }
 
+/// <summary>One dataset of a run: its buckets and batch size, its train and regularisation images (batches never mix datasets).</summary>
+public sealed record DatasetPart(BucketManager Buckets, int BatchSize, IReadOnlyList<PlacedImage> Train, IReadOnlyList<PlacedImage> Regularization);
+
 /// <summary>The checked, bucketed dataset: train and regularisation images, plus what was skipped and why.</summary>
 public sealed class TrainingDataset
 {
@@ -19,94 +22,121 @@ public sealed class TrainingDataset
     public required IReadOnlyList<PlacedImage> Regularization { get; init; }
     public required IReadOnlyList<ConceptFolder> Folders { get; init; }
     public required IReadOnlyList<string> Problems { get; init; }
+    /// <summary>The first dataset's buckets.</summary>
     public required BucketManager Buckets { get; init; }
+    /// <summary>The datasets (one unless a dataset_config has several [[datasets]]); default: one made of Train, Regularization and Buckets.</summary>
+    public IReadOnlyList<DatasetPart> Parts
+    {
+        get => _parts ??= [new DatasetPart(Buckets, 0, Train, Regularization)];
+        init => _parts = value;
+    }
+    IReadOnlyList<DatasetPart>? _parts;
 
     /// <summary>Train images counted with their repeats (kohya ss_num_train_images).</summary>
     public int TrainImagesWithRepeats => Train.Sum(p => p.Image.Folder.Repeats);
     public int RegImagesWithRepeats => Regularization.Sum(p => p.Image.Folder.Repeats);
+    /// <summary>The largest batch size of the datasets.</summary>
+    public int MaxBatchSize => Parts.Max(p => p.BatchSize);
 
     /// <summary>Scans the folders, checks every image (bad ones skipped or, with bad_images = fail, an error) and places them in buckets.</summary>
     public static TrainingDataset Load(SdTrainConfig c, int minSide = 32)
     {
         var problems = new List<string>();
-        List<ConceptFolder> folders;
+        var specs = new List<(SdTrainConfig Settings, List<ConceptFolder> Folders)>();
         if (c.DatasetConfig is { Length: > 0 } datasetConfig)
         {
-            // the dataset's resolution, batch size and buckets override the run's: read them before the buckets exist
-            folders = DatasetConfig.Apply(datasetConfig, c);
+            // the datasets' resolutions, batch sizes and buckets override the run's: read them before the buckets exist
+            specs.AddRange(DatasetConfig.Apply(datasetConfig, c).Select(d => (d.Settings, d.Folders)));
             c.Validate();
+            foreach (var (settings, _) in specs) settings.Validate();
         }
         else
         {
-            folders = FolderDataset.Concepts(c.TrainDataDir, false, problems);
+            var folders = FolderDataset.Concepts(c.TrainDataDir, false, problems);
             if (c.RegDataDir is { Length: > 0 } reg) folders.AddRange(FolderDataset.Concepts(reg, true, problems));
+            specs.Add((c, folders));
         }
-        var buckets = new BucketManager(c.Resolution, c.EnableBucket, c.MinBucketReso, c.MaxBucketReso, c.BucketResoSteps, c.BucketNoUpscale);
-        var train = new List<PlacedImage>();
-        var regs = new List<PlacedImage>();
-        foreach (var f in folders)
+        var parts = new List<DatasetPart>();
+        foreach (var (s, folders) in specs)
         {
-            foreach (var img in FolderDataset.Images(f, c.CaptionExtension))
+            var buckets = new BucketManager(s.Resolution, s.EnableBucket, s.MinBucketReso, s.MaxBucketReso, s.BucketResoSteps, s.BucketNoUpscale);
+            var train = new List<PlacedImage>();
+            var regs = new List<PlacedImage>();
+            foreach (var f in folders)
             {
-                var check = TrainImageLoader.Check(img.Path, minSide);
-                if (!check.Ok)
+                foreach (var img in FolderDataset.Images(f, c.CaptionExtension))
                 {
-                    if (c.BadImages == "fail") throw new LoraSharpException($"{check.Problem}: {check.Detail}", img.Path, "bad_images");
-                    problems.Add(check.ToString() + " — skipped");
-                    continue;
+                    var check = TrainImageLoader.Check(img.Path, minSide);
+                    if (!check.Ok)
+                    {
+                        if (c.BadImages == "fail") throw new LoraSharpException($"{check.Problem}: {check.Detail}", img.Path, "bad_images");
+                        problems.Add(check.ToString() + " — skipped");
+                        continue;
+                    }
+                    var placed = new PlacedImage(img, buckets.Place(check.Width, check.Height), check.Width, check.Height);
+                    (f.IsRegularization ? regs : train).Add(placed);
                 }
-                var placed = new PlacedImage(img, buckets.Place(check.Width, check.Height), check.Width, check.Height);
-                (f.IsRegularization ? regs : train).Add(placed);
             }
+            parts.Add(new DatasetPart(buckets, s.TrainBatchSize, train, regs));
         }
-        if (train.Count == 0)
+        if (parts.Sum(p => p.Train.Count) == 0)
             throw c.DatasetConfig is { Length: > 0 } dc
                 ? new LoraSharpException("no usable training images in the subsets (is_reg = false) of the dataset config", dc, "datasets.subsets.image_dir")
                 : new LoraSharpException("no usable training images (expected <repeats>_<class tokens> folders with png/jpg/webp images)", c.TrainDataDir, "train_data_dir");
-        return new TrainingDataset { Train = train, Regularization = regs, Folders = folders, Problems = problems, Buckets = buckets };
+        return new TrainingDataset
+        {
+            Train = parts.SelectMany(p => p.Train).ToList(), Regularization = parts.SelectMany(p => p.Regularization).ToList(),
+            Folders = specs.SelectMany(s => s.Folders).ToList(), Problems = problems, Buckets = parts[0].Buckets, Parts = parts,
+        };
     }
 
     /// <summary>
-    /// One epoch of batches (kohya): every train image × its repeats, plus as many regularisation samples (cycling
-    /// through the reg images) when there are any; grouped by bucket, shuffled inside each bucket, cut into batches, and
-    /// the batch order shuffled.
+    /// One epoch of batches (kohya): per dataset, every train image × its repeats, plus as many regularisation samples
+    /// (cycling through the dataset's reg images) when there are any; grouped by bucket, shuffled inside each bucket, cut
+    /// into batches of the dataset's batch size (<paramref name="batchSize"/> for a folder dataset); then the batches of
+    /// all datasets are shuffled together.
     /// </summary>
     public List<List<PlacedImage>> EpochBatches(int batchSize, Random rng)
     {
-        var items = new List<PlacedImage>();
-        foreach (var p in Train) for (int r = 0; r < p.Image.Folder.Repeats; r++) items.Add(p);
-        if (Regularization.Count > 0)
-        {
-            var regItems = new List<PlacedImage>();
-            foreach (var p in Regularization) for (int r = 0; r < p.Image.Folder.Repeats; r++) regItems.Add(p);
-            int n = items.Count;
-            for (int i = 0; i < n; i++) items.Add(regItems[i % regItems.Count]);
-        }
         var batches = new List<List<PlacedImage>>();
-        foreach (var group in items.GroupBy(p => p.Bucket).OrderBy(g => g.Key.W).ThenBy(g => g.Key.H))
+        foreach (var part in Parts)
         {
-            var arr = group.ToArray();
-            rng.Shuffle(arr);
-            for (int i = 0; i < arr.Length; i += batchSize) batches.Add(arr.Skip(i).Take(batchSize).ToList());
+            var items = Items(part);
+            int size = Parts.Count == 1 ? batchSize : part.BatchSize;
+            foreach (var group in items.GroupBy(p => p.Bucket).OrderBy(g => g.Key.W).ThenBy(g => g.Key.H))
+            {
+                var arr = group.ToArray();
+                rng.Shuffle(arr);
+                for (int i = 0; i < arr.Length; i += size) batches.Add(arr.Skip(i).Take(size).ToList());
+            }
         }
         var shuffled = batches.ToArray();
         rng.Shuffle(shuffled);
         return shuffled.ToList();
     }
 
-    /// <summary>Batches per epoch (independent of the shuffle).</summary>
-    public int BatchesPerEpoch(int batchSize)
+    /// <summary>A dataset's samples of one epoch: train images × repeats, then as many (cycled) regularisation samples.</summary>
+    static List<PlacedImage> Items(DatasetPart part)
     {
-        var counts = new Dictionary<(int, int), int>();
-        foreach (var p in Train) counts[p.Bucket] = counts.GetValueOrDefault(p.Bucket) + p.Image.Folder.Repeats;
-        if (Regularization.Count > 0)
+        var items = new List<PlacedImage>();
+        foreach (var p in part.Train) for (int r = 0; r < p.Image.Folder.Repeats; r++) items.Add(p);
+        if (part.Regularization.Count > 0)
         {
-            int n = TrainImagesWithRepeats;
-            var regItems = Regularization.SelectMany(p => Enumerable.Repeat(p, p.Image.Folder.Repeats)).ToList();
-            for (int i = 0; i < n; i++) counts[regItems[i % regItems.Count].Bucket] = counts.GetValueOrDefault(regItems[i % regItems.Count].Bucket) + 1;
+            var regItems = new List<PlacedImage>();
+            foreach (var p in part.Regularization) for (int r = 0; r < p.Image.Folder.Repeats; r++) regItems.Add(p);
+            int n = items.Count;
+            for (int i = 0; i < n; i++) items.Add(regItems[i % regItems.Count]);
         }
-        return counts.Values.Sum(v => (v + batchSize - 1) / batchSize);
+        return items;
     }
+
+    /// <summary>Batches per epoch (independent of the shuffle).</summary>
+    public int BatchesPerEpoch(int batchSize) =>
+        Parts.Sum(part =>
+        {
+            int size = Parts.Count == 1 ? batchSize : part.BatchSize;
+            return Items(part).GroupBy(p => p.Bucket).Sum(g => (g.Count() + size - 1) / size);
+        });
 }
 
 /// <summary>

@@ -300,8 +300,6 @@ public class TrainerOptionsTests
         var aug = Fails(DatasetToml(tmp, "random_crop = true"));
         Assert.Equal("datasets.subsets.random_crop", aug.Key);
         Assert.Contains("not supported", aug.Message);
-        var two = Fails(DatasetToml(tmp, extraTables: "[[datasets]]\nresolution = 64\n  [[datasets.subsets]]\n  image_dir = \"imgs\"\n"));
-        Assert.Equal("datasets", two.Key);
         var missing = Fails(DatasetToml(tmp, "num_repeats = 0"));
         Assert.Equal("datasets.subsets.num_repeats", missing.Key);
         var both = Assert.Throws<LoraSharpException>(() => DatasetRun(tmp, DatasetToml(tmp).Replace("\\", "/"), "--train_data_dir", tmp.Path).Validate());
@@ -644,6 +642,46 @@ public class TrainerOptionsTests
         Assert.Equal("cache_text_encoder_outputs", e.Key);
         e = Assert.Throws<LoraSharpException>(() => TrainerTests.Config(tmp, LearningTests.TinyModel, "out", "--cache_text_encoder_outputs", "--network_train_unet_only", "--shuffle_caption").Validate());
         Assert.Contains("fixed captions", e.Message);
+    }
+
+    [Fact]
+    public void Several_datasets_keep_their_resolution_and_batch_size_and_never_share_a_batch()
+    {
+        using var tmp = new TempDir();
+        var toml = DatasetToml(tmp, extraTables: """
+            [[datasets]]
+            resolution = 32
+            batch_size = 3
+            enable_bucket = false
+
+              [[datasets.subsets]]
+              image_dir = "imgs"
+              num_repeats = 2
+              class_tokens = "sks"
+            """).Replace("\\", "/");
+        var c = DatasetRun(tmp, toml, "--max_train_steps", "2");
+        var data = TrainingDataset.Load(c);
+        Assert.Equal(2, data.Parts.Count);
+        Assert.Equal((2, 3), (data.Parts[0].BatchSize, data.Parts[1].BatchSize));
+        Assert.All(data.Parts[0].Train, p => Assert.Equal((64, 64), p.Bucket));
+        Assert.All(data.Parts[1].Train, p => Assert.Equal((32, 32), p.Bucket));
+        Assert.Equal((64, 64), c.Resolution); // the first dataset's values are the run's
+        Assert.Equal(3, data.MaxBatchSize);
+        var batches = data.EpochBatches(c.TrainBatchSize, new Random(1));
+        Assert.All(batches, b => Assert.Single(b.Select(p => p.Bucket).Distinct()));
+        Assert.Contains(batches, b => b[0].Bucket == (32, 32) && b.Count == 3);
+        Assert.All(batches.Where(b => b[0].Bucket == (64, 64)), b => Assert.True(b.Count <= 2));
+        // dataset 1: 12 train + 12 reg samples in batches of 2; dataset 2: 6 samples in batches of 3
+        Assert.Equal(12 + 2, data.BatchesPerEpoch(c.TrainBatchSize));
+        Assert.Equal(14, batches.Count);
+
+        var result = TrainerTests.OneThread(() =>
+        {
+            using var t = new SdTrainer(DatasetRun(tmp, toml, "--max_train_steps", "3"));
+            return t.Train();
+        });
+        Assert.Equal(3, result.Steps);
+        Assert.All(result.Losses, l => Assert.True(double.IsFinite(l) && l > 0));
     }
 
     sealed class ToleranceComparer : IEqualityComparer<double>
