@@ -11,7 +11,7 @@ public sealed record CaptionSettings(bool Shuffle = false, int KeepTokens = 0, d
 /// (which may carry its own caption extension and caption options; null = the run's).
 /// </summary>
 public sealed record ConceptFolder(string Path, string Name, int Repeats, string ClassTokens, bool IsRegularization,
-    string? CaptionExtension = null, CaptionSettings? Captions = null, bool? FlipAug = null);
+    string? CaptionExtension = null, CaptionSettings? Captions = null, bool? FlipAug = null, bool? RandomCrop = null);
 
 /// <summary>One training image with its caption (sidecar file, or the folder's class tokens).</summary>
 public sealed record TrainImage(string Path, string Caption, ConceptFolder Folder)

@@ -10,7 +10,7 @@ namespace LoraSharp.Training.Diffusion;
 /// subsets; batches never mix datasets), and each <c>[[datasets.subsets]]</c> is a folder of images: <c>image_dir</c>, <c>num_repeats</c>,
 /// <c>class_tokens</c>, <c>is_reg</c>, <c>caption_extension</c> and the caption options. Values given here override the
 /// training config (a dataset's <c>batch_size</c> becomes <c>train_batch_size</c>). Keys of kohya's features that
-/// LoraSharp does not implement (colour augmentation, random crop, token warm-up, wildcards, fine-tuning metadata files) are refused by
+/// LoraSharp does not implement (colour augmentation, token warm-up, wildcards, fine-tuning metadata files) are refused by
 /// name unless they are off; unknown keys are errors naming the file and the key.
 /// </summary>
 public static class DatasetConfig
@@ -23,13 +23,13 @@ public static class DatasetConfig
     static readonly HashSet<string> SubsetKeys = new(StringComparer.Ordinal)
     {
         "image_dir", "num_repeats", "class_tokens", "is_reg", "caption_extension", "shuffle_caption", "keep_tokens",
-        "caption_dropout_rate", "caption_tag_dropout_rate", "caption_dropout_every_n_epochs", "flip_aug",
+        "caption_dropout_rate", "caption_tag_dropout_rate", "caption_dropout_every_n_epochs", "flip_aug", "random_crop",
     };
 
     /// <summary>Subset keys of kohya features not implemented here: accepted only when off (false, 0 or empty).</summary>
     static readonly HashSet<string> OffOnlyKeys = new(StringComparer.Ordinal)
     {
-        "color_aug", "random_crop", "face_crop_aug_range", "token_warmup_min", "token_warmup_step", "secondary_separator",
+        "color_aug", "face_crop_aug_range", "token_warmup_min", "token_warmup_step", "secondary_separator",
         "enable_wildcard", "keep_tokens_separator", "alpha_mask", "cache_info", "metadata_file", "caption_prefix", "caption_suffix",
         "conditioning_data_dir", "custom_attributes",
     };
@@ -113,7 +113,10 @@ public static class DatasetConfig
                 var classTokens = Get("class_tokens", "", Str);
                 var name = $"{repeats}_{(classTokens.Length > 0 ? classTokens : Path.GetFileName(dir))}";
                 folders.Add(new ConceptFolder(dir, name, repeats, classTokens, Get("is_reg", false, v => (bool)v),
-                    Get("caption_extension", config.CaptionExtension, Str), captions, Get("flip_aug", config.FlipAug, v => (bool)v)));
+                    Get("caption_extension", config.CaptionExtension, Str), captions, Get("flip_aug", config.FlipAug, v => (bool)v),
+                    Get("random_crop", config.RandomCrop, v => (bool)v)));
+                if (folders[^1].RandomCrop == true && (config.CacheLatents || config.CacheLatentsToDisk))
+                    throw Bad("datasets.subsets.random_crop", "crops differently every step, so latents cannot be cached: drop cache_latents");
             }
             return folders;
         }

@@ -118,7 +118,7 @@ public static class KohyaMetadata
             ["ss_shuffle_caption"] = B(c.ShuffleCaption),
             ["ss_flip_aug"] = B(c.FlipAug),
             ["ss_color_aug"] = "False",
-            ["ss_random_crop"] = "False",
+            ["ss_random_crop"] = B(c.RandomCrop),
             ["ss_caption_extension"] = c.CaptionExtension,
             ["ss_tag_frequency"] = JsonSerializer.Serialize(FolderDataset.TagFrequency(data.Train.Select(p => p.Image).Distinct())),
             ["ss_dataset_dirs"] = JsonSerializer.Serialize(datasetDirs),

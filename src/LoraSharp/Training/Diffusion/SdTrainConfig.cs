@@ -107,6 +107,8 @@ public sealed class SdTrainConfig
     public int CaptionDropoutEveryNEpochs { get; set; }
     /// <summary>kohya cache_text_encoder_outputs: encode each caption once (UNet-only training with fixed captions).</summary>
     public bool CacheTextEncoderOutputs { get; set; }
+    /// <summary>kohya random_crop: the bucket window is placed at random in the resized image each step (latents are not cached).</summary>
+    public bool RandomCrop { get; set; }
     /// <summary>kohya flip_aug: each sample is mirrored left–right with probability ½ (both latents are cached).</summary>
     public bool FlipAug { get; set; }
     /// <summary>kohya vae: a standalone VAE whose weights replace the checkpoint's.</summary>
@@ -214,6 +216,7 @@ public sealed class SdTrainConfig
         Bool("zero_terminal_snr", (c, v) => c.ZeroTerminalSnr = v, "rescale betas to zero terminal SNR"),
         Int("max_token_length", (c, v) => c.MaxTokenLength = v, "caption tokens: 75 (default), 150 or 225"),
         Bool("flip_aug", (c, v) => c.FlipAug = v, "mirror each sample left-right with probability 1/2"),
+        Bool("random_crop", (c, v) => c.RandomCrop = v, "crop the bucket window at a random place each step (no latent caching)"),
         Bool("cache_text_encoder_outputs", (c, v) => c.CacheTextEncoderOutputs = v, "encode each caption once (needs network_train_unet_only and fixed captions)"),
         Ignored("cache_text_encoder_outputs_to_disk", "boolean", "the text encoder outputs are cached in memory"),
         Bool("no_half_vae", (c, v) => c.NoHalfVae = v, "keep the VAE in float32 under bf16/fp16 mixed precision"),
@@ -444,6 +447,7 @@ public sealed class SdTrainConfig
         Need(IpNoiseGamma is null or >= 0, "ip_noise_gamma", "must not be negative");
         Need(ScaleWeightNorms is null or > 0, "scale_weight_norms", "must be positive");
         Need(MaxTokenLength is null or 75 or 150 or 225, "max_token_length", "expected 75, 150 or 225");
+        Need(!(RandomCrop && (CacheLatents || CacheLatentsToDisk)), "random_crop", "crops differently every step, so latents cannot be cached: drop cache_latents");
         Need(!CacheTextEncoderOutputs || NetworkTrainUnetOnly || TextEncoderLr == 0, "cache_text_encoder_outputs",
             "caches the text encoder's outputs, so the text encoder cannot train: add network_train_unet_only");
         Need(!CacheTextEncoderOutputs || !(ShuffleCaption || CaptionDropoutRate > 0 || CaptionTagDropoutRate > 0 || CaptionDropoutEveryNEpochs > 0),

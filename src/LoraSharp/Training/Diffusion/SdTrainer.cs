@@ -157,6 +157,7 @@ public sealed class SdTrainer : IDisposable
         // ---- memory plan
         string optimizerName = OptimizerFactory.Normalize(c.OptimizerType);
         bool checkpointing = c.GradientCheckpointing, cacheLatents = c.CacheLatents || c.CacheLatentsToDisk;
+        bool randomCrop = data.Train.Concat(data.Regularization).Any(p => p.Image.Folder.RandomCrop ?? c.RandomCrop);
         MemoryPlan? plan = null;
         if (c.AutoMemory)
         {
@@ -172,7 +173,7 @@ public sealed class SdTrainer : IDisposable
                 Optimizer = optimizerName,
             }, forceCheckpointing: c.GradientCheckpointing, forceCache: cacheLatents);
             checkpointing |= plan.GradientCheckpointing;
-            cacheLatents |= plan.CacheLatents;
+            cacheLatents |= plan.CacheLatents && !randomCrop; // a random crop is encoded every step
             if (plan.EightBitOptimizer && optimizerName == "AdamW") optimizerName = "AdamW8bit";
             _log(plan.ToString());
         }
@@ -357,6 +358,20 @@ public sealed class SdTrainer : IDisposable
     }
 
     string EpochFileName(int epoch) => $"{_c.OutputName}-{epoch:000000}.{Extension(_c.SaveModelAs)}";
+    /// <summary>kohya random_crop: the bucket-sized window anywhere in the resized image (instead of its centre), uniform per step.</summary>
+    internal static PlacedImage RandomCrop(PlacedImage p, Random rng)
+    {
+        var pl = p.Placement;
+        return p with
+        {
+            Placement = pl with
+            {
+                CropLeft = rng.Next(0, Math.Max(0, pl.ResizedWidth - pl.BucketWidth) + 1),
+                CropTop = rng.Next(0, Math.Max(0, pl.ResizedHeight - pl.BucketHeight) + 1),
+            },
+        };
+    }
+
     /// <summary>kohya's step save name: &lt;output_name&gt;-step&lt;step:08&gt;.</summary>
     string StepFileName(long step) => $"{_c.OutputName}-step{step:00000000}.{Extension(_c.SaveModelAs)}";
     static string Extension(string saveAs) => saveAs;
@@ -419,6 +434,7 @@ public sealed class SdTrainer : IDisposable
         using var scope = NewDisposeScope();
         var unetParam = model.Unet.parameters().First();
         var device = unetParam.device;
+        batch = batch.Select(p => p.Image.Folder.RandomCrop ?? c.RandomCrop ? RandomCrop(p, rng) : p).ToList();
         // flip_aug: a coin per sample (drawn only for samples whose subset flips, so other runs keep their random sequence)
         var latents = stack(batch.Select(p => _cache!.Get(p, flipped: (p.Image.Folder.FlipAug ?? c.FlipAug) && rng.NextDouble() < 0.5)).ToArray()).to(device);
         var texts = batch.Select(p => captions.Process(p.Image, rng, epoch)).ToList();

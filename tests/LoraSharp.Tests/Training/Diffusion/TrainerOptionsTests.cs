@@ -297,8 +297,8 @@ public class TrainerOptionsTests
         var unknown = Fails(DatasetToml(tmp, "colour_jitter = 2"));
         Assert.Equal("datasets.subsets.colour_jitter", unknown.Key);
         Assert.EndsWith("dataset.toml", unknown.FilePath);
-        var aug = Fails(DatasetToml(tmp, "random_crop = true"));
-        Assert.Equal("datasets.subsets.random_crop", aug.Key);
+        var aug = Fails(DatasetToml(tmp, "color_aug = true"));
+        Assert.Equal("datasets.subsets.color_aug", aug.Key);
         Assert.Contains("not supported", aug.Message);
         var missing = Fails(DatasetToml(tmp, "num_repeats = 0"));
         Assert.Equal("datasets.subsets.num_repeats", missing.Key);
@@ -682,6 +682,35 @@ public class TrainerOptionsTests
         });
         Assert.Equal(3, result.Steps);
         Assert.All(result.Losses, l => Assert.True(double.IsFinite(l) && l > 0));
+    }
+
+    [Fact]
+    public void Random_crop_moves_the_window_over_the_whole_resized_image_and_trains_without_cached_latents()
+    {
+        var placement = new BucketManager((64, 64), false).Place(96, 64); // covered: 96×64 resized, a 64×64 window
+        Assert.Equal((96, 64, 16, 0), (placement.ResizedWidth, placement.ResizedHeight, placement.CropLeft, placement.CropTop));
+        var image = new PlacedImage(new TrainImage("x.png", "x", new ConceptFolder("/d", "1_x", 1, "x", false)), placement, 96, 64);
+        var rng = new Random(3);
+        var lefts = Enumerable.Range(0, 400).Select(_ => SdTrainer.RandomCrop(image, rng).Placement).ToList();
+        Assert.All(lefts, p => Assert.Equal(0, p.CropTop));
+        Assert.Equal(0, lefts.Min(p => p.CropLeft));
+        Assert.Equal(32, lefts.Max(p => p.CropLeft));
+        Assert.True(lefts.Select(p => p.CropLeft).Distinct().Count() > 25);
+
+        using var tmp = new TempDir();
+        var result = TrainerTests.OneThread(() =>
+        {
+            using var t = new SdTrainer(TrainerTests.Config(tmp, LearningTests.TinyModel, "out", "--max_train_steps", "2", "--random_crop"));
+            return t.Train();
+        });
+        Assert.All(result.Losses, l => Assert.True(double.IsFinite(l) && l > 0));
+        using (var f = SafetensorsFile.Open(result.AdapterPath))
+        {
+            Assert.Equal("True", f.Metadata["ss_random_crop"]);
+            Assert.Equal("False", f.Metadata["ss_cache_latents"]);
+        }
+        var e = Assert.Throws<LoraSharpException>(() => TrainerTests.Config(tmp, LearningTests.TinyModel, "out2", "--random_crop", "--cache_latents").Validate());
+        Assert.Equal("random_crop", e.Key);
     }
 
     sealed class ToleranceComparer : IEqualityComparer<double>
