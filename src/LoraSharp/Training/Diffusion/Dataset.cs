@@ -4,7 +4,10 @@ using System.Text.RegularExpressions;
 namespace LoraSharp.Training.Diffusion;
 
 /// <summary>kohya's per-step caption options (global, or per subset of a dataset config).</summary>
-public sealed record CaptionSettings(bool Shuffle = false, int KeepTokens = 0, double DropoutRate = 0, double TagDropoutRate = 0, int DropoutEveryNEpochs = 0);
+/// <param name="TokenWarmupMin">kohya token_warmup_min: tags (after keep_tokens) shown at step 0.</param>
+/// <param name="TokenWarmupStep">kohya token_warmup_step: steps (or, below 1, a fraction of the run) over which the shown tags grow to all; 0 = off.</param>
+public sealed record CaptionSettings(bool Shuffle = false, int KeepTokens = 0, double DropoutRate = 0, double TagDropoutRate = 0, int DropoutEveryNEpochs = 0,
+    int TokenWarmupMin = 1, double TokenWarmupStep = 0);
 
 /// <summary>
 /// One <c>&lt;repeats&gt;_&lt;class tokens&gt;</c> folder (kohya DreamBooth convention), or one subset of a dataset config
@@ -108,20 +111,26 @@ public sealed class CaptionProcessor(CaptionSettings settings)
         : this(new CaptionSettings(shuffle, keepTokens, dropoutRate, tagDropoutRate, dropoutEveryNEpochs)) { }
 
     public CaptionSettings Settings { get; } = settings;
+    /// <summary>Optimizer steps of the run (a token_warmup_step below 1 is a fraction of it).</summary>
+    public long TotalSteps { get; init; }
 
     /// <summary>The caption of an image for one step, with its subset's settings if any.</summary>
-    public string Process(TrainImage image, Random rng, int epoch = 0) => Process(image.Caption, rng, epoch, image.Folder.Captions);
+    public string Process(TrainImage image, Random rng, int epoch = 0, long step = 0) => Process(image.Caption, rng, epoch, image.Folder.Captions, step);
 
-    /// <summary>The caption for one step ("" when dropped); <paramref name="epoch"/> is 1-based (0 = unknown).</summary>
-    public string Process(string caption, Random rng, int epoch = 0, CaptionSettings? settings = null)
+    /// <summary>The caption for optimizer step <paramref name="step"/> ("" when dropped); <paramref name="epoch"/> is 1-based (0 = unknown).</summary>
+    public string Process(string caption, Random rng, int epoch = 0, CaptionSettings? settings = null, long step = 0)
     {
         var s = settings ?? Settings;
         if (s.DropoutRate > 0 && rng.NextDouble() < s.DropoutRate) return "";
         if (s.DropoutEveryNEpochs > 0 && epoch > 0 && epoch % s.DropoutEveryNEpochs == 0) return "";
-        if (!s.Shuffle && s.TagDropoutRate <= 0) return caption;
+        long warmup = s.TokenWarmupStep is > 0 and < 1 ? (long)Math.Floor(s.TokenWarmupStep * TotalSteps) : (long)s.TokenWarmupStep;
+        bool warming = warmup > 0 && step < warmup;
+        if (!s.Shuffle && s.TagDropoutRate <= 0 && !warming) return caption;
         var tags = caption.Split(',').Select(t => t.Trim()).Where(t => t.Length > 0).ToList();
         int keep = Math.Min(s.KeepTokens, tags.Count);
         var rest = tags.Skip(keep).ToArray();
+        // token warm-up (kohya): ⌊step·(tags − min)/warmup⌋ + min tags after the kept ones, growing to all
+        if (warming) rest = rest.Take((int)Math.Floor(step * ((rest.Length - s.TokenWarmupMin) / (double)warmup)) + s.TokenWarmupMin).ToArray();
         if (s.Shuffle) rng.Shuffle(rest);
         if (s.TagDropoutRate > 0) rest = rest.Where(_ => rng.NextDouble() >= s.TagDropoutRate).ToArray();
         return string.Join(", ", tags.Take(keep).Concat(rest));

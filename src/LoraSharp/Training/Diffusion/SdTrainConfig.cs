@@ -104,6 +104,8 @@ public sealed class SdTrainConfig
     /// <summary>Add this × loss·(SNR+1)/SNR (a v-prediction-like term) to the loss.</summary>
     public double? VPredLikeLoss { get; set; }
     public double CaptionTagDropoutRate { get; set; }
+    public int TokenWarmupMin { get; set; } = 1;
+    public double TokenWarmupStep { get; set; }
     public int CaptionDropoutEveryNEpochs { get; set; }
     /// <summary>kohya cache_text_encoder_outputs: encode each caption once (UNet-only training with fixed captions).</summary>
     public bool CacheTextEncoderOutputs { get; set; }
@@ -252,6 +254,8 @@ public sealed class SdTrainConfig
         Dbl("v_pred_like_loss", (c, v) => c.VPredLikeLoss = v, "add a v-prediction-like loss term of this weight"),
         Dbl("caption_tag_dropout_rate", (c, v) => c.CaptionTagDropoutRate = v, "drop each tag (after keep_tokens) with this probability"),
         Int("caption_dropout_every_n_epochs", (c, v) => c.CaptionDropoutEveryNEpochs = v, "empty captions in every N-th epoch"),
+        Int("token_warmup_min", (c, v) => c.TokenWarmupMin = v, "tags shown at the start of token warm-up"),
+        Dbl("token_warmup_step", (c, v) => c.TokenWarmupStep = v, "steps (or fraction of the run, < 1) over which all tags appear"),
         Str("loss_type", (c, v) => c.LossType = v, "l2 | l1 | huber | smooth_l1"),
         Str("huber_schedule", (c, v) => c.HuberSchedule = v, "snr | exponential | constant"),
         Dbl("huber_c", (c, v) => c.HuberC = v, "Huber threshold (or its decay base for exponential)"),
@@ -450,10 +454,11 @@ public sealed class SdTrainConfig
         Need(!(RandomCrop && (CacheLatents || CacheLatentsToDisk)), "random_crop", "crops differently every step, so latents cannot be cached: drop cache_latents");
         Need(!CacheTextEncoderOutputs || NetworkTrainUnetOnly || TextEncoderLr == 0, "cache_text_encoder_outputs",
             "caches the text encoder's outputs, so the text encoder cannot train: add network_train_unet_only");
-        Need(!CacheTextEncoderOutputs || !(ShuffleCaption || CaptionDropoutRate > 0 || CaptionTagDropoutRate > 0 || CaptionDropoutEveryNEpochs > 0),
-            "cache_text_encoder_outputs", "needs fixed captions: not with shuffle_caption, caption_dropout_rate, caption_tag_dropout_rate or caption_dropout_every_n_epochs");
+        Need(!CacheTextEncoderOutputs || !(ShuffleCaption || CaptionDropoutRate > 0 || CaptionTagDropoutRate > 0 || CaptionDropoutEveryNEpochs > 0 || TokenWarmupStep > 0),
+            "cache_text_encoder_outputs", "needs fixed captions: not with shuffle_caption, caption_dropout_rate, caption_tag_dropout_rate, caption_dropout_every_n_epochs or token_warmup_step");
         Need(CaptionTagDropoutRate is >= 0 and <= 1, "caption_tag_dropout_rate", "must be in [0, 1]");
         Need(CaptionDropoutEveryNEpochs >= 0, "caption_dropout_every_n_epochs", "must not be negative");
+        Need(TokenWarmupMin >= 0 && TokenWarmupStep >= 0, "token_warmup_step", "token_warmup_min and token_warmup_step must not be negative");
         Need(AdaptiveNoiseScale is null || NoiseOffset > 0, "adaptive_noise_scale", "needs noise_offset (kohya applies it to the noise offset)");
         Need(!(ZeroTerminalSnr && MaxTimestep == 1000 && (DebiasedEstimationLoss || VPredLikeLoss is not null)), DebiasedEstimationLoss ? "debiased_estimation_loss" : "v_pred_like_loss",
             "divides by the SNR, which is 0 at the last timestep of a zero_terminal_snr schedule: set max_timestep below 1000 or drop one of the two");

@@ -243,7 +243,8 @@ public sealed class SdTrainer : IDisposable
         var saved = new List<string>();
         var samples = new List<string>();
         var losses = new List<double>();
-        var captions = new CaptionProcessor(c.ShuffleCaption, c.KeepTokens, c.CaptionDropoutRate, c.CaptionTagDropoutRate, c.CaptionDropoutEveryNEpochs);
+        var captions = new CaptionProcessor(new CaptionSettings(c.ShuffleCaption, c.KeepTokens, c.CaptionDropoutRate, c.CaptionTagDropoutRate,
+            c.CaptionDropoutEveryNEpochs, c.TokenWarmupMin, c.TokenWarmupStep)) { TotalSteps = totalSteps };
         var sampleFile = c.SamplePrompts is { Length: > 0 } sp ? SamplePromptFile.Read(sp) : null;
         if (sampleFile is not null)
             foreach (var sampler in sampleFile.Select(p => p.Sampler ?? c.SampleSampler).Prepend(c.SampleSampler).Distinct())
@@ -264,7 +265,7 @@ public sealed class SdTrainer : IDisposable
             for (int bi = 0; bi < batches.Count && step < totalSteps; bi++)
             {
                 cancel.ThrowIfCancellationRequested();
-                double lossValue = TrainBatch(epoch + 1, batches[bi], captions, rng, noise, tok1, tok2, sdxl, vpred, trainTe, c.GradientAccumulationSteps, generator);
+                double lossValue = TrainBatch(epoch + 1, step, batches[bi], captions, rng, noise, tok1, tok2, sdxl, vpred, trainTe, c.GradientAccumulationSteps, generator);
                 accLoss += lossValue;
                 accumulated++;
                 bool last = bi == batches.Count - 1;
@@ -426,7 +427,7 @@ public sealed class SdTrainer : IDisposable
         return (ctx, pooled);
     }
 
-    double TrainBatch(int epoch, List<PlacedImage> batch, CaptionProcessor captions, Random rng, DiffusionNoise noise, ClipTokenizer tok1, ClipTokenizer? tok2,
+    double TrainBatch(int epoch, long step, List<PlacedImage> batch, CaptionProcessor captions, Random rng, DiffusionNoise noise, ClipTokenizer tok1, ClipTokenizer? tok2,
         bool sdxl, bool vpred, bool trainTe, int accumulation, Generator generator)
     {
         var c = _c;
@@ -437,7 +438,7 @@ public sealed class SdTrainer : IDisposable
         batch = batch.Select(p => p.Image.Folder.RandomCrop ?? c.RandomCrop ? RandomCrop(p, rng) : p).ToList();
         // flip_aug: a coin per sample (drawn only for samples whose subset flips, so other runs keep their random sequence)
         var latents = stack(batch.Select(p => _cache!.Get(p, flipped: (p.Image.Folder.FlipAug ?? c.FlipAug) && rng.NextDouble() < 0.5)).ToArray()).to(device);
-        var texts = batch.Select(p => captions.Process(p.Image, rng, epoch)).ToList();
+        var texts = batch.Select(p => captions.Process(p.Image, rng, epoch, step)).ToList();
         Tensor context, pooled;
         if (trainTe) { var (ctx, pl) = EncodeText(texts, tok1, tok2, sdxl); context = ctx; pooled = pl!; }
         else

@@ -713,6 +713,30 @@ public class TrainerOptionsTests
         Assert.Equal("random_crop", e.Key);
     }
 
+    [Fact]
+    public void Token_warmup_shows_a_growing_prefix_of_the_tags_as_kohya_does()
+    {
+        // 10 tags: keep 1, then min 2 of the remaining 9 at step 0, growing to all by step 7 (warm-up over 7 steps)
+        var caption = string.Join(", ", Enumerable.Range(0, 10).Select(i => $"t{i}"));
+        var p = new CaptionProcessor(new CaptionSettings(KeepTokens: 1, TokenWarmupMin: 2, TokenWarmupStep: 7));
+        int Count(long step) => p.Process(caption, new Random(1), step: step).Split(", ").Length;
+        // kohya: ⌊step·(9 − 2)/7⌋ + 2 flexible tags, plus the kept one
+        Assert.Equal(new[] { 3, 4, 5, 6, 7, 8, 9, 10, 10 }, Enumerable.Range(0, 9).Select(s => Count(s)));
+        Assert.Equal("t0, t1, t2", p.Process(caption, new Random(1), step: 0)); // the prefix, in order (no shuffle)
+        // a fraction of the run: 0.5 of 14 steps = 7 steps
+        var ratio = new CaptionProcessor(new CaptionSettings(KeepTokens: 1, TokenWarmupMin: 2, TokenWarmupStep: 0.5)) { TotalSteps = 14 };
+        Assert.Equal(3, ratio.Process(caption, new Random(1), step: 0).Split(", ").Length);
+        Assert.Equal(10, ratio.Process(caption, new Random(1), step: 7).Split(", ").Length);
+
+        using var tmp = new TempDir();
+        var result = TrainerTests.OneThread(() =>
+        {
+            using var t = new SdTrainer(TrainerTests.Config(tmp, LearningTests.TinyModel, "out", "--max_train_steps", "2", "--token_warmup_step", "0.5", "--token_warmup_min", "1"));
+            return t.Train();
+        });
+        Assert.All(result.Losses, l => Assert.True(double.IsFinite(l) && l > 0));
+    }
+
     sealed class ToleranceComparer : IEqualityComparer<double>
     {
         public bool Equals(double a, double b) => Math.Abs(a - b) < 1e-12;
