@@ -6,8 +6,11 @@ namespace LoraSharp.Training.Diffusion;
 /// <summary>kohya's per-step caption options (global, or per subset of a dataset config).</summary>
 /// <param name="TokenWarmupMin">kohya token_warmup_min: tags (after keep_tokens) shown at step 0.</param>
 /// <param name="TokenWarmupStep">kohya token_warmup_step: steps (or, below 1, a fraction of the run) over which the shown tags grow to all; 0 = off.</param>
+/// <param name="Wildcard">kohya enable_wildcard: a multi-line caption file gives one random line per step, and {a|b|c} one random choice ({{ and }} are literal braces).</param>
+/// <param name="Prefix">kohya caption_prefix, joined with a space before the caption.</param>
+/// <param name="Suffix">kohya caption_suffix, joined with a space after it.</param>
 public sealed record CaptionSettings(bool Shuffle = false, int KeepTokens = 0, double DropoutRate = 0, double TagDropoutRate = 0, int DropoutEveryNEpochs = 0,
-    int TokenWarmupMin = 1, double TokenWarmupStep = 0);
+    int TokenWarmupMin = 1, double TokenWarmupStep = 0, bool Wildcard = false, string Prefix = "", string Suffix = "");
 
 /// <summary>
 /// One <c>&lt;repeats&gt;_&lt;class tokens&gt;</c> folder (kohya DreamBooth convention), or one subset of a dataset config
@@ -62,13 +65,13 @@ public static partial class FolderDataset
     }
 
     /// <summary>The images of a concept folder (sorted by name) with their captions.</summary>
-    public static List<TrainImage> Images(ConceptFolder folder, string captionExtension)
+    public static List<TrainImage> Images(ConceptFolder folder, string captionExtension, bool allLines = false)
     {
         var list = new List<TrainImage>();
         foreach (var file in Directory.GetFiles(folder.Path).OrderBy(f => f, StringComparer.Ordinal))
         {
             if (!ImageExtensions.Contains(System.IO.Path.GetExtension(file).ToLowerInvariant())) continue;
-            var caption = ReadCaption(file, folder.CaptionExtension ?? captionExtension) ?? folder.ClassTokens;
+            var caption = ReadCaption(file, folder.CaptionExtension ?? captionExtension, folder.Captions?.Wildcard ?? allLines) ?? folder.ClassTokens;
             if (caption.Length == 0 && folder.CaptionExtension is not null)
                 throw new LoraSharpException($"no caption file ({folder.CaptionExtension}) and the subset has no class_tokens", file, "class_tokens");
             list.Add(new TrainImage(file, caption, folder));
@@ -76,15 +79,15 @@ public static partial class FolderDataset
         return list;
     }
 
-    /// <summary>The sidecar caption (first line, trimmed) or null when there is none.</summary>
-    public static string? ReadCaption(string imagePath, string captionExtension)
+    /// <summary>The sidecar caption (first non-empty line, trimmed; with <paramref name="allLines"/> every non-empty line, joined by newlines) or null when there is none.</summary>
+    public static string? ReadCaption(string imagePath, string captionExtension, bool allLines = false)
     {
         var ext = captionExtension.StartsWith('.') ? captionExtension : "." + captionExtension;
         var p = System.IO.Path.ChangeExtension(imagePath, null) + ext;
         if (!File.Exists(p)) return null;
-        var text = File.ReadAllText(p);
-        var first = text.Split('\n').Select(l => l.Trim()).FirstOrDefault(l => l.Length > 0);
-        return first;
+        var lines = File.ReadAllText(p).Split('\n').Select(l => l.Trim()).Where(l => l.Length > 0).ToList();
+        if (lines.Count == 0) return null;
+        return allLines ? string.Join("\n", lines) : lines[0];
     }
 
     /// <summary>kohya ss_tag_frequency: per folder name, the count of each comma-separated tag over its images.</summary>
@@ -121,8 +124,11 @@ public sealed class CaptionProcessor(CaptionSettings settings)
     public string Process(string caption, Random rng, int epoch = 0, CaptionSettings? settings = null, long step = 0)
     {
         var s = settings ?? Settings;
+        if (s.Prefix.Length > 0) caption = s.Prefix + " " + caption;
+        if (s.Suffix.Length > 0) caption = caption + " " + s.Suffix;
         if (s.DropoutRate > 0 && rng.NextDouble() < s.DropoutRate) return "";
         if (s.DropoutEveryNEpochs > 0 && epoch > 0 && epoch % s.DropoutEveryNEpochs == 0) return "";
+        if (s.Wildcard) caption = Wildcards(caption, rng);
         long warmup = s.TokenWarmupStep is > 0 and < 1 ? (long)Math.Floor(s.TokenWarmupStep * TotalSteps) : (long)s.TokenWarmupStep;
         bool warming = warmup > 0 && step < warmup;
         if (!s.Shuffle && s.TagDropoutRate <= 0 && !warming) return caption;
@@ -134,5 +140,23 @@ public sealed class CaptionProcessor(CaptionSettings settings)
         if (s.Shuffle) rng.Shuffle(rest);
         if (s.TagDropoutRate > 0) rest = rest.Where(_ => rng.NextDouble() >= s.TagDropoutRate).ToArray();
         return string.Join(", ", tags.Take(keep).Concat(rest));
+    }
+
+    /// <summary>kohya's wildcards: one random line of a multi-line caption, then each {a|b|c} replaced by one random option ({{ and }} stay literal braces).</summary>
+    public static string Wildcards(string caption, Random rng)
+    {
+        if (caption.Contains('\n'))
+        {
+            var lines = caption.Split('\n');
+            caption = lines[rng.Next(lines.Length)];
+        }
+        const string open = "\u2985", close = "\u2986"; // placeholders for escaped braces
+        caption = caption.Replace("{{", open).Replace("}}", close);
+        caption = System.Text.RegularExpressions.Regex.Replace(caption, @"\{([^}]+)\}", m =>
+        {
+            var options = m.Groups[1].Value.Split('|');
+            return options[rng.Next(options.Length)];
+        });
+        return caption.Replace(open, "{").Replace(close, "}");
     }
 }

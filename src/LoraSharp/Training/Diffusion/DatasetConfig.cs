@@ -10,7 +10,7 @@ namespace LoraSharp.Training.Diffusion;
 /// subsets; batches never mix datasets), and each <c>[[datasets.subsets]]</c> is a folder of images: <c>image_dir</c>, <c>num_repeats</c>,
 /// <c>class_tokens</c>, <c>is_reg</c>, <c>caption_extension</c> and the caption options. Values given here override the
 /// training config (a dataset's <c>batch_size</c> becomes <c>train_batch_size</c>). Keys of kohya's features that
-/// LoraSharp does not implement (colour augmentation, wildcards, fine-tuning metadata files) are refused by
+/// LoraSharp does not implement (colour augmentation, fine-tuning metadata files) are refused by
 /// name unless they are off; unknown keys are errors naming the file and the key.
 /// </summary>
 public static class DatasetConfig
@@ -24,14 +24,14 @@ public static class DatasetConfig
     {
         "image_dir", "num_repeats", "class_tokens", "is_reg", "caption_extension", "shuffle_caption", "keep_tokens",
         "caption_dropout_rate", "caption_tag_dropout_rate", "caption_dropout_every_n_epochs", "flip_aug", "random_crop",
-        "token_warmup_min", "token_warmup_step",
+        "token_warmup_min", "token_warmup_step", "enable_wildcard", "caption_prefix", "caption_suffix",
     };
 
     /// <summary>Subset keys of kohya features not implemented here: accepted only when off (false, 0 or empty).</summary>
     static readonly HashSet<string> OffOnlyKeys = new(StringComparer.Ordinal)
     {
         "color_aug", "face_crop_aug_range", "secondary_separator",
-        "enable_wildcard", "keep_tokens_separator", "alpha_mask", "cache_info", "metadata_file", "caption_prefix", "caption_suffix",
+        "keep_tokens_separator", "alpha_mask", "cache_info", "metadata_file",
         "conditioning_data_dir", "custom_attributes",
     };
 
@@ -108,10 +108,13 @@ public static class DatasetConfig
                     Get("caption_tag_dropout_rate", config.CaptionTagDropoutRate, v => Convert.ToDouble(v, CultureInfo.InvariantCulture)),
                     Get("caption_dropout_every_n_epochs", config.CaptionDropoutEveryNEpochs, v => Convert.ToInt32(v, CultureInfo.InvariantCulture)),
                     Get("token_warmup_min", config.TokenWarmupMin, v => Convert.ToInt32(v, CultureInfo.InvariantCulture)),
-                    Get("token_warmup_step", config.TokenWarmupStep, v => Convert.ToDouble(v, CultureInfo.InvariantCulture)));
+                    Get("token_warmup_step", config.TokenWarmupStep, v => Convert.ToDouble(v, CultureInfo.InvariantCulture)),
+                    Get("enable_wildcard", config.EnableWildcard, v => (bool)v),
+                    Get("caption_prefix", config.CaptionPrefix, Str),
+                    Get("caption_suffix", config.CaptionSuffix, Str));
                 if (captions.DropoutRate is < 0 or > 1 || captions.TagDropoutRate is < 0 or > 1)
                     throw Bad("datasets.subsets.caption_dropout_rate", "caption dropout rates must be in [0, 1]");
-                if (config.CacheTextEncoderOutputs && (captions.Shuffle || captions.DropoutRate > 0 || captions.TagDropoutRate > 0 || captions.DropoutEveryNEpochs > 0 || captions.TokenWarmupStep > 0))
+                if (config.CacheTextEncoderOutputs && (captions.Shuffle || captions.DropoutRate > 0 || captions.TagDropoutRate > 0 || captions.DropoutEveryNEpochs > 0 || captions.TokenWarmupStep > 0 || captions.Wildcard))
                     throw Bad("datasets.subsets.shuffle_caption", "cache_text_encoder_outputs needs fixed captions: this subset shuffles or drops them");
                 var classTokens = Get("class_tokens", "", Str);
                 var name = $"{repeats}_{(classTokens.Length > 0 ? classTokens : Path.GetFileName(dir))}";

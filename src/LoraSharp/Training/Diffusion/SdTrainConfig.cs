@@ -104,6 +104,9 @@ public sealed class SdTrainConfig
     /// <summary>Add this × loss·(SNR+1)/SNR (a v-prediction-like term) to the loss.</summary>
     public double? VPredLikeLoss { get; set; }
     public double CaptionTagDropoutRate { get; set; }
+    public bool EnableWildcard { get; set; }
+    public string CaptionPrefix { get; set; } = "";
+    public string CaptionSuffix { get; set; } = "";
     public int TokenWarmupMin { get; set; } = 1;
     public double TokenWarmupStep { get; set; }
     public int CaptionDropoutEveryNEpochs { get; set; }
@@ -254,6 +257,9 @@ public sealed class SdTrainConfig
         Dbl("v_pred_like_loss", (c, v) => c.VPredLikeLoss = v, "add a v-prediction-like loss term of this weight"),
         Dbl("caption_tag_dropout_rate", (c, v) => c.CaptionTagDropoutRate = v, "drop each tag (after keep_tokens) with this probability"),
         Int("caption_dropout_every_n_epochs", (c, v) => c.CaptionDropoutEveryNEpochs = v, "empty captions in every N-th epoch"),
+        Bool("enable_wildcard", (c, v) => c.EnableWildcard = v, "a random line of multi-line captions and a random {a|b} choice per step"),
+        Str("caption_prefix", (c, v) => c.CaptionPrefix = v, "text put before every caption"),
+        Str("caption_suffix", (c, v) => c.CaptionSuffix = v, "text put after every caption"),
         Int("token_warmup_min", (c, v) => c.TokenWarmupMin = v, "tags shown at the start of token warm-up"),
         Dbl("token_warmup_step", (c, v) => c.TokenWarmupStep = v, "steps (or fraction of the run, < 1) over which all tags appear"),
         Str("loss_type", (c, v) => c.LossType = v, "l2 | l1 | huber | smooth_l1"),
@@ -454,8 +460,8 @@ public sealed class SdTrainConfig
         Need(!(RandomCrop && (CacheLatents || CacheLatentsToDisk)), "random_crop", "crops differently every step, so latents cannot be cached: drop cache_latents");
         Need(!CacheTextEncoderOutputs || NetworkTrainUnetOnly || TextEncoderLr == 0, "cache_text_encoder_outputs",
             "caches the text encoder's outputs, so the text encoder cannot train: add network_train_unet_only");
-        Need(!CacheTextEncoderOutputs || !(ShuffleCaption || CaptionDropoutRate > 0 || CaptionTagDropoutRate > 0 || CaptionDropoutEveryNEpochs > 0 || TokenWarmupStep > 0),
-            "cache_text_encoder_outputs", "needs fixed captions: not with shuffle_caption, caption_dropout_rate, caption_tag_dropout_rate, caption_dropout_every_n_epochs or token_warmup_step");
+        Need(!CacheTextEncoderOutputs || !(ShuffleCaption || CaptionDropoutRate > 0 || CaptionTagDropoutRate > 0 || CaptionDropoutEveryNEpochs > 0 || TokenWarmupStep > 0 || EnableWildcard),
+            "cache_text_encoder_outputs", "needs fixed captions: not with shuffle_caption, caption_dropout_rate, caption_tag_dropout_rate, caption_dropout_every_n_epochs, token_warmup_step or enable_wildcard");
         Need(CaptionTagDropoutRate is >= 0 and <= 1, "caption_tag_dropout_rate", "must be in [0, 1]");
         Need(CaptionDropoutEveryNEpochs >= 0, "caption_dropout_every_n_epochs", "must not be negative");
         Need(TokenWarmupMin >= 0 && TokenWarmupStep >= 0, "token_warmup_step", "token_warmup_min and token_warmup_step must not be negative");

@@ -64,7 +64,7 @@ public sealed class TrainingDataset
             var regs = new List<PlacedImage>();
             foreach (var f in folders)
             {
-                foreach (var img in FolderDataset.Images(f, c.CaptionExtension))
+                foreach (var img in FolderDataset.Images(f, c.CaptionExtension, c.EnableWildcard))
                 {
                     var check = TrainImageLoader.Check(img.Path, minSide);
                     if (!check.Ok)

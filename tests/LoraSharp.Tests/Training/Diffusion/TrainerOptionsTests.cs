@@ -737,6 +737,36 @@ public class TrainerOptionsTests
         Assert.All(result.Losses, l => Assert.True(double.IsFinite(l) && l > 0));
     }
 
+    [Fact]
+    public void Wildcards_prefixes_and_multi_line_captions_follow_kohya()
+    {
+        var rng = new Random(2);
+        var seen = Enumerable.Range(0, 300).Select(_ => CaptionProcessor.Wildcards("a {red|green|blue} star, {{literal}}", rng)).ToHashSet();
+        Assert.Equal(new HashSet<string> { "a red star, {literal}", "a green star, {literal}", "a blue star, {literal}" }, seen);
+        var lines = Enumerable.Range(0, 300).Select(_ => CaptionProcessor.Wildcards("first line\nsecond {x|y}", rng)).ToHashSet();
+        Assert.Equal(new HashSet<string> { "first line", "second x", "second y" }, lines);
+
+        var p = new CaptionProcessor(new CaptionSettings(Wildcard: true, Prefix: "photo of", Suffix: "masterpiece"));
+        var c = p.Process("sks {dog|cat}", new Random(1));
+        Assert.Matches("^photo of sks (dog|cat) masterpiece$", c);
+        // without enable_wildcard, braces stay and only the first line of a caption file is read
+        Assert.Equal("sks {dog|cat}", new CaptionProcessor(new CaptionSettings()).Process("sks {dog|cat}", new Random(1)));
+
+        using var tmp = new TempDir();
+        var img = Path.Combine(tmp.Path, "a.png");
+        LearningTests.WritePattern(img, 64, 1);
+        File.WriteAllText(Path.Combine(tmp.Path, "a.txt"), "one\n\ntwo\n");
+        Assert.Equal("one", FolderDataset.ReadCaption(img, ".txt"));
+        Assert.Equal("one\ntwo", FolderDataset.ReadCaption(img, ".txt", allLines: true));
+
+        var result = TrainerTests.OneThread(() =>
+        {
+            using var t = new SdTrainer(TrainerTests.Config(tmp, LearningTests.TinyModel, "out", "--max_train_steps", "2", "--enable_wildcard", "--caption_prefix", "photo of"));
+            return t.Train();
+        });
+        Assert.All(result.Losses, l => Assert.True(double.IsFinite(l) && l > 0));
+    }
+
     sealed class ToleranceComparer : IEqualityComparer<double>
     {
         public bool Equals(double a, double b) => Math.Abs(a - b) < 1e-12;
