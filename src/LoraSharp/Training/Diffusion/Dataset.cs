@@ -9,8 +9,12 @@ namespace LoraSharp.Training.Diffusion;
 /// <param name="Wildcard">kohya enable_wildcard: a multi-line caption file gives one random line per step, and {a|b|c} one random choice ({{ and }} are literal braces).</param>
 /// <param name="Prefix">kohya caption_prefix, joined with a space before the caption.</param>
 /// <param name="Suffix">kohya caption_suffix, joined with a space after it.</param>
+/// <param name="KeepTokensSeparator">kohya keep_tokens_separator (e.g. "|||"): tags before it stay first, tags after a second one stay last (instead of keep_tokens).</param>
+/// <param name="Separator">kohya caption_separator: what splits tags (default ",").</param>
+/// <param name="SecondarySeparator">kohya secondary_separator: replaced by the separator after shuffling, so the tags it joins move together.</param>
 public sealed record CaptionSettings(bool Shuffle = false, int KeepTokens = 0, double DropoutRate = 0, double TagDropoutRate = 0, int DropoutEveryNEpochs = 0,
-    int TokenWarmupMin = 1, double TokenWarmupStep = 0, bool Wildcard = false, string Prefix = "", string Suffix = "");
+    int TokenWarmupMin = 1, double TokenWarmupStep = 0, bool Wildcard = false, string Prefix = "", string Suffix = "",
+    string KeepTokensSeparator = "", string Separator = ",", string SecondarySeparator = "");
 
 /// <summary>
 /// One <c>&lt;repeats&gt;_&lt;class tokens&gt;</c> folder (kohya DreamBooth convention), or one subset of a dataset config
@@ -131,15 +135,33 @@ public sealed class CaptionProcessor(CaptionSettings settings)
         if (s.Wildcard) caption = Wildcards(caption, rng);
         long warmup = s.TokenWarmupStep is > 0 and < 1 ? (long)Math.Floor(s.TokenWarmupStep * TotalSteps) : (long)s.TokenWarmupStep;
         bool warming = warmup > 0 && step < warmup;
-        if (!s.Shuffle && s.TagDropoutRate <= 0 && !warming) return caption;
-        var tags = caption.Split(',').Select(t => t.Trim()).Where(t => t.Length > 0).ToList();
-        int keep = Math.Min(s.KeepTokens, tags.Count);
-        var rest = tags.Skip(keep).ToArray();
-        // token warm-up (kohya): ⌊step·(tags − min)/warmup⌋ + min tags after the kept ones, growing to all
-        if (warming) rest = rest.Take((int)Math.Floor(step * ((rest.Length - s.TokenWarmupMin) / (double)warmup)) + s.TokenWarmupMin).ToArray();
-        if (s.Shuffle) rng.Shuffle(rest);
-        if (s.TagDropoutRate > 0) rest = rest.Where(_ => rng.NextDouble() >= s.TagDropoutRate).ToArray();
-        return string.Join(", ", tags.Take(keep).Concat(rest));
+        if (s.Shuffle || s.TagDropoutRate > 0 || warming)
+        {
+            string[] Tags(string part) => part.Split(s.Separator).Select(t => t.Trim()).Where(t => t.Length > 0).ToArray();
+            string[] head, rest, tail = [];
+            if (s.KeepTokensSeparator.Length > 0 && caption.Contains(s.KeepTokensSeparator, StringComparison.Ordinal))
+            {
+                // kohya: "fixed ||| flexible ||| fixed suffix"
+                var parts = caption.Split(s.KeepTokensSeparator, 3);
+                head = Tags(parts[0]);
+                rest = Tags(parts[1]);
+                if (parts.Length == 3) tail = Tags(parts[2]);
+            }
+            else
+            {
+                var tags = Tags(caption);
+                int keep = Math.Min(s.KeepTokens, tags.Length);
+                head = tags[..keep];
+                rest = tags[keep..];
+            }
+            // token warm-up (kohya): ⌊step·(tags − min)/warmup⌋ + min flexible tags, growing to all
+            if (warming) rest = rest.Take((int)Math.Floor(step * ((rest.Length - s.TokenWarmupMin) / (double)warmup)) + s.TokenWarmupMin).ToArray();
+            if (s.Shuffle) rng.Shuffle(rest);
+            if (s.TagDropoutRate > 0) rest = rest.Where(_ => rng.NextDouble() >= s.TagDropoutRate).ToArray();
+            caption = string.Join(", ", head.Concat(rest).Concat(tail));
+        }
+        if (s.SecondarySeparator.Length > 0) caption = caption.Replace(s.SecondarySeparator, s.Separator);
+        return caption;
     }
 
     /// <summary>kohya's wildcards: one random line of a multi-line caption, then each {a|b|c} replaced by one random option ({{ and }} stay literal braces).</summary>

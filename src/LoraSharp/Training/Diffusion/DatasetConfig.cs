@@ -25,13 +25,13 @@ public static class DatasetConfig
         "image_dir", "num_repeats", "class_tokens", "is_reg", "caption_extension", "shuffle_caption", "keep_tokens",
         "caption_dropout_rate", "caption_tag_dropout_rate", "caption_dropout_every_n_epochs", "flip_aug", "random_crop",
         "token_warmup_min", "token_warmup_step", "enable_wildcard", "caption_prefix", "caption_suffix",
+        "keep_tokens_separator", "caption_separator", "secondary_separator",
     };
 
     /// <summary>Subset keys of kohya features not implemented here: accepted only when off (false, 0 or empty).</summary>
     static readonly HashSet<string> OffOnlyKeys = new(StringComparer.Ordinal)
     {
-        "color_aug", "face_crop_aug_range", "secondary_separator",
-        "keep_tokens_separator", "alpha_mask", "cache_info", "metadata_file",
+        "color_aug", "face_crop_aug_range", "alpha_mask", "cache_info", "metadata_file",
         "conditioning_data_dir", "custom_attributes",
     };
 
@@ -111,7 +111,10 @@ public static class DatasetConfig
                     Get("token_warmup_step", config.TokenWarmupStep, v => Convert.ToDouble(v, CultureInfo.InvariantCulture)),
                     Get("enable_wildcard", config.EnableWildcard, v => (bool)v),
                     Get("caption_prefix", config.CaptionPrefix, Str),
-                    Get("caption_suffix", config.CaptionSuffix, Str));
+                    Get("caption_suffix", config.CaptionSuffix, Str),
+                    Get("keep_tokens_separator", config.KeepTokensSeparator, Str),
+                    Get("caption_separator", config.CaptionSeparator, Str),
+                    Get("secondary_separator", config.SecondarySeparator, Str));
                 if (captions.DropoutRate is < 0 or > 1 || captions.TagDropoutRate is < 0 or > 1)
                     throw Bad("datasets.subsets.caption_dropout_rate", "caption dropout rates must be in [0, 1]");
                 if (config.CacheTextEncoderOutputs && (captions.Shuffle || captions.DropoutRate > 0 || captions.TagDropoutRate > 0 || captions.DropoutEveryNEpochs > 0 || captions.TokenWarmupStep > 0 || captions.Wildcard))

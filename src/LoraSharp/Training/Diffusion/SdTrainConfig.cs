@@ -105,6 +105,9 @@ public sealed class SdTrainConfig
     public double? VPredLikeLoss { get; set; }
     public double CaptionTagDropoutRate { get; set; }
     public bool EnableWildcard { get; set; }
+    public string KeepTokensSeparator { get; set; } = "";
+    public string CaptionSeparator { get; set; } = ",";
+    public string SecondarySeparator { get; set; } = "";
     public string CaptionPrefix { get; set; } = "";
     public string CaptionSuffix { get; set; } = "";
     public int TokenWarmupMin { get; set; } = 1;
@@ -258,6 +261,9 @@ public sealed class SdTrainConfig
         Dbl("caption_tag_dropout_rate", (c, v) => c.CaptionTagDropoutRate = v, "drop each tag (after keep_tokens) with this probability"),
         Int("caption_dropout_every_n_epochs", (c, v) => c.CaptionDropoutEveryNEpochs = v, "empty captions in every N-th epoch"),
         Bool("enable_wildcard", (c, v) => c.EnableWildcard = v, "a random line of multi-line captions and a random {a|b} choice per step"),
+        Str("keep_tokens_separator", (c, v) => c.KeepTokensSeparator = v, "tags before it stay first (and after a second one stay last) when shuffling"),
+        Str("caption_separator", (c, v) => c.CaptionSeparator = v.Length == 0 ? "," : v, "what splits tags (default ,)"),
+        Str("secondary_separator", (c, v) => c.SecondarySeparator = v, "joins tags that move together; becomes the separator after shuffling"),
         Str("caption_prefix", (c, v) => c.CaptionPrefix = v, "text put before every caption"),
         Str("caption_suffix", (c, v) => c.CaptionSuffix = v, "text put after every caption"),
         Int("token_warmup_min", (c, v) => c.TokenWarmupMin = v, "tags shown at the start of token warm-up"),

@@ -244,7 +244,8 @@ public sealed class SdTrainer : IDisposable
         var samples = new List<string>();
         var losses = new List<double>();
         var captions = new CaptionProcessor(new CaptionSettings(c.ShuffleCaption, c.KeepTokens, c.CaptionDropoutRate, c.CaptionTagDropoutRate,
-            c.CaptionDropoutEveryNEpochs, c.TokenWarmupMin, c.TokenWarmupStep, c.EnableWildcard, c.CaptionPrefix, c.CaptionSuffix)) { TotalSteps = totalSteps };
+            c.CaptionDropoutEveryNEpochs, c.TokenWarmupMin, c.TokenWarmupStep, c.EnableWildcard, c.CaptionPrefix, c.CaptionSuffix,
+            c.KeepTokensSeparator, c.CaptionSeparator, c.SecondarySeparator)) { TotalSteps = totalSteps };
         var sampleFile = c.SamplePrompts is { Length: > 0 } sp ? SamplePromptFile.Read(sp) : null;
         if (sampleFile is not null)
             foreach (var sampler in sampleFile.Select(p => p.Sampler ?? c.SampleSampler).Prepend(c.SampleSampler).Distinct())

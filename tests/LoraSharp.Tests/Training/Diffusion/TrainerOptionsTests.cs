@@ -767,6 +767,27 @@ public class TrainerOptionsTests
         Assert.All(result.Losses, l => Assert.True(double.IsFinite(l) && l > 0));
     }
 
+    [Fact]
+    public void Keep_tokens_separator_fixes_head_and_tail_and_secondary_separator_keeps_tags_together()
+    {
+        var p = new CaptionProcessor(new CaptionSettings(Shuffle: true, KeepTokens: 5, KeepTokensSeparator: "|||", SecondarySeparator: ";;;"));
+        var rng = new Random(4);
+        var seen = new HashSet<string>();
+        for (int i = 0; i < 200; i++)
+        {
+            var c = p.Process("sks, girl ||| red;;;hat, blue, green ||| masterpiece", rng);
+            Assert.StartsWith("sks, girl, ", c);         // before the separator: fixed (keep_tokens is not used)
+            Assert.EndsWith(", masterpiece", c);         // after a second separator: fixed at the end
+            Assert.Contains("red,hat", c);               // joined by the secondary separator: moves as one tag
+            seen.Add(c);
+        }
+        Assert.Equal(6, seen.Count);                     // 3 flexible tags: every order appears
+        // without shuffling or dropout kohya leaves the caption as written
+        Assert.Equal("a ||| b", new CaptionProcessor(new CaptionSettings(KeepTokensSeparator: "|||")).Process("a ||| b", rng));
+        // another tag separator
+        Assert.Equal("x, y", new CaptionProcessor(new CaptionSettings(Shuffle: true, KeepTokens: 2, Separator: ";")).Process("x; y", rng));
+    }
+
     sealed class ToleranceComparer : IEqualityComparer<double>
     {
         public bool Equals(double a, double b) => Math.Abs(a - b) < 1e-12;
