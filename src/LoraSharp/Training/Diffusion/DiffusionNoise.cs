@@ -39,12 +39,16 @@ public sealed class DiffusionNoise
     /// <summary>SNR_t = ᾱ/(1−ᾱ).</summary>
     public double Snr(int t) => _alphasCumprod[t] / (1.0 - _alphasCumprod[t]);
 
-    Tensor Gather(Tensor timesteps, Func<float, double> f, Device device)
+    /// <summary>One float32 value per sample [B] on <paramref name="device"/>: <paramref name="f"/> of each timestep (read on the host).</summary>
+    static Tensor PerSample(Tensor timesteps, Func<int, double> f, Device device)
     {
-        var ts = timesteps.to(DeviceType.CPU).data<long>().ToArray();
-        var values = ts.Select(t => (float)f(_alphasCumprod[t])).ToArray();
-        return tensor(values, device: device).reshape(ts.Length, 1, 1, 1);
+        long[] ts;
+        using (var host = timesteps.to(DeviceType.CPU)) ts = host.data<long>().ToArray();
+        return tensor(ts.Select(t => (float)f((int)t)).ToArray(), device: device);
     }
+
+    Tensor Gather(Tensor timesteps, Func<float, double> f, Device device) =>
+        PerSample(timesteps, t => f(_alphasCumprod[t]), device).reshape(-1, 1, 1, 1);
 
     /// <summary>Uniform integer timesteps in [min, max) (kohya), drawn from <paramref name="generator"/>.</summary>
     public static Tensor SampleTimesteps(long batch, int min, int max, Device device, Generator? generator = null) =>
@@ -74,15 +78,13 @@ public sealed class DiffusionNoise
     /// </summary>
     public Tensor MinSnrWeights(Tensor timesteps, double gamma, bool vPrediction)
     {
-        var ts = timesteps.to(DeviceType.CPU).data<long>().ToArray();
-        var w = ts.Select(t =>
+        return PerSample(timesteps, t =>
         {
-            double snr = Snr((int)t);
+            double snr = Snr(t);
             // SNR 0 (the last step of a zero-terminal-SNR schedule): ε-prediction takes the limit min(s, γ)/s → 1
-            if (snr == 0) return vPrediction ? 0f : 1f;
-            return (float)(Math.Min(snr, gamma) / (vPrediction ? snr + 1 : snr));
-        }).ToArray();
-        return tensor(w, device: timesteps.device);
+            if (snr == 0) return vPrediction ? 0 : 1;
+            return Math.Min(snr, gamma) / (vPrediction ? snr + 1 : snr);
+        }, timesteps.device);
     }
 
     /// <summary>
@@ -91,15 +93,13 @@ public sealed class DiffusionNoise
     /// </summary>
     public Tensor HuberThreshold(Tensor timesteps, string schedule, double c, double scale)
     {
-        var ts = timesteps.to(DeviceType.CPU).data<long>().ToArray();
-        var values = ts.Select(t => schedule switch
+        return PerSample(timesteps, t => schedule switch
         {
             "snr" => (1 - c) / Math.Pow(1 + Math.Sqrt((1 - _alphasCumprod[t]) / (double)_alphasCumprod[t]), 2) + c,
             "exponential" => Math.Exp(Math.Log(c) / NumTrainTimesteps * t) * scale,
             "constant" => c * scale,
             _ => throw new ArgumentException($"unknown Huber schedule '{schedule}' (expected snr, exponential or constant)", nameof(schedule)),
-        }).Select(v => (float)v).ToArray();
-        return tensor(values, device: timesteps.device);
+        }, timesteps.device);
     }
 
     /// <summary>
@@ -151,8 +151,7 @@ public sealed class DiffusionNoise
     {
         if (!scaleVPredLikeNoisePred && vPredLikeLoss is null && !debiased) return perSample;
         using var scope = NewDisposeScope();
-        var ts = timesteps.to(DeviceType.CPU).data<long>().ToArray();
-        var snr = tensor(ts.Select(t => (float)Math.Min(Snr((int)t), 1000)).ToArray(), device: perSample.device);
+        var snr = PerSample(timesteps, t => Math.Min(Snr(t), 1000), perSample.device);
         var scale = snr / (snr + 1);
         var loss = perSample;
         if (scaleVPredLikeNoisePred) loss = loss * scale;

@@ -241,6 +241,12 @@ public sealed class SdTrainer : IDisposable
         // ---- metadata shared by every save
         var metaBase = KohyaMetadata.Build(c, spec, data, family, vpred, seed, started, optimizer, unetLr, teLr, totalSteps, epochs, batchesPerEpoch, warmup, checkpointing, cacheLatents);
         var saved = new List<string>();
+        // save_last_n_epochs / save_last_n_steps: an older save goes (if it is still there)
+        void DeleteSave(string fileName)
+        {
+            var path = Path.Combine(c.OutputDir, fileName);
+            if (File.Exists(path)) { File.Delete(path); saved.Remove(path); }
+        }
         var samples = new List<string>();
         var losses = new List<double>();
         var captions = new CaptionProcessor(new CaptionSettings(c.ShuffleCaption, c.KeepTokens, c.CaptionDropoutRate, c.CaptionTagDropoutRate,
@@ -294,8 +300,7 @@ public sealed class SdTrainer : IDisposable
                         // kohya: the save of step (step − N − 1) rounded down to a save step goes; the last N steps' saves stay
                         long old = step - keepSteps - 1;
                         old -= old % everySteps;
-                        var oldPath = Path.Combine(c.OutputDir, StepFileName(old));
-                        if (old > 0 && File.Exists(oldPath)) { File.Delete(oldPath); saved.Remove(oldPath); }
+                        if (old > 0) DeleteSave(StepFileName(old));
                     }
                     if (c.SaveState) TrainState.Save(Path.Combine(c.OutputDir, c.OutputName + "-state"), host, optimizer, epoch, step, seed, generator);
                 }
@@ -313,11 +318,7 @@ public sealed class SdTrainer : IDisposable
                 if (c.SaveLastNEpochs is { } keep)
                 {
                     int old = epochNo - keep * every;
-                    if (old > 0)
-                    {
-                        var oldPath = Path.Combine(c.OutputDir, EpochFileName(old));
-                        if (File.Exists(oldPath)) { File.Delete(oldPath); saved.Remove(oldPath); }
-                    }
+                    if (old > 0) DeleteSave(EpochFileName(old));
                 }
                 if (c.SaveState) TrainState.Save(Path.Combine(c.OutputDir, c.OutputName + "-state"), host, optimizer, epochNo, step, seed, generator);
             }
